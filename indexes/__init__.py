@@ -1,0 +1,1 @@
+"""Vector storage and search: LanceDB store, FAISS indexes, manifests. numpy, faiss, lancedb only."""

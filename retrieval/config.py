@@ -1,0 +1,54 @@
+"""One frozen config dataclass per component; every field has a default and a short why.
+
+Run configs (JSON files and `--set key=value`) load into these through `from_dict`, which refuses unknown keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from retrieval.errors import UserError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    arch: str = "ViT-B-32"  # any OpenCLIP architecture (open_clip.list_models()) or a preset of ours (tiny-vit-64, ...)
+    pretrained: str = "none"  # an OpenCLIP pretrained tag, a local weights file, or 'none': seeded random init
+    checkpoint: str | None = None  # a checkpoint directory written by this toolkit; wins over arch/pretrained
+    seed: int = 0  # random init seed: the same flags must give the same weights in every process
+    device: str = "auto"  # auto: cuda when available, else cpu
+    precision: str = "auto"  # auto: bf16 autocast on cuda when supported (fp16 otherwise), fp32 on cpu
+
+
+@dataclass(frozen=True)
+class IndexRunConfig:
+    batch_size: int = 64  # images per forward pass
+    workers: int = 1  # decode processes; on 2 cores one decoder keeps the model fed without starving it
+    commit_every: int = 512  # images per LanceDB commit: a killed run loses at most this many embeddings
+    reembed: bool = False  # re-embed everything (required to switch a collection to another model)
+    max_pixels: int = 178_956_970  # decompression-bomb limit (PIL's default): larger images are skipped
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
+    """Build a (possibly nested) config dataclass from a dict; unknown keys are an error, never ignored."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            value = from_dict(hint, value, f"{where}.{name}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,186 @@
+"""OpenCLIP dual encoders: any architecture, a pretrained tag, a local weights file, seeded random init, or a
+checkpoint directory written by this toolkit. Images and texts come out L2-normalised in one vector space.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+
+from retrieval.config import EncoderConfig
+from retrieval.errors import UserError
+
+PRESET_DIR = Path(__file__).parent / "configs"
+open_clip.add_model_config(PRESET_DIR)
+
+
+def list_presets() -> list[str]:
+    """Our own architectures (tiny, train in minutes on a CPU); they are registered with open_clip on import."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu or auto")
+    if device.split(":")[0] not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {device}: expected auto, cpu or cuda[:N]")
+    return torch.device(device)
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """None means: run in fp32 without autocast (always the case on the CPU)."""
+    if precision == "fp32" or device.type != "cuda":
+        return None
+    if precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    if precision in ("fp16", "auto"):
+        return torch.float16
+    raise UserError(f"precision {precision!r}: expected auto, fp32, fp16 or bf16")
+
+
+def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_arch(arch: str) -> None:
+    if arch in open_clip.list_models():
+        return
+    close = difflib.get_close_matches(arch, open_clip.list_models(), n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else " See `open_clip.list_models()`."
+    raise UserError(f"unknown model architecture {arch!r}.{hint}")
+
+
+def create_clip(arch: str, pretrained: str = "none", seed: int = 0) -> tuple[torch.nn.Module, str]:
+    """Build an OpenCLIP model on the CPU; returns (model, weights identity for manifests)."""
+    check_arch(arch)
+    if pretrained in ("none", "", None):
+        # fork_rng: seeding must not leak into the caller's random state
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = open_clip.create_model(arch, pretrained=None)
+        return model, f"random-init:seed={seed}"
+    if os.path.isfile(pretrained):
+        try:
+            model = open_clip.create_model(arch, pretrained=pretrained, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any failure to read the file is bad input
+            raise UserError(f"{pretrained}: cannot load as weights for {arch}: {str(e).splitlines()[0]}") from e
+        return model, f"file:{file_digest(pretrained)}"
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    if pretrained not in tags:
+        known = ", ".join(tags) or "none published"
+        raise UserError(
+            f"--pretrained {pretrained!r}: not a file and not a pretrained tag of {arch} (tags: {known})"
+        )
+    try:
+        model = open_clip.create_model(arch, pretrained=pretrained)
+    except Exception as e:  # noqa: BLE001 - typically no network
+        raise UserError(
+            f"cannot fetch pretrained weights {arch}/{pretrained} ({str(e).splitlines()[0][:120]}); "
+            "offline, pass a local weights file with --pretrained FILE"
+        ) from e
+    return model, f"openclip:{pretrained}"
+
+
+@dataclass
+class Encoder:
+    """A dual encoder ready for inference: images in as uint8 batches, normalised float32 features out."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    identity: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def image_size(self) -> int:
+        size = self.model.visual.image_size
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.identity["embed_dim"])
+
+    def _pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, S, S) -> normalised float (B, 3, S, S) on the device. Workers ship uint8: 4x less IPC."""
+        cfg = self.model.visual.preprocess_cfg
+        mean = torch.tensor(cfg["mean"], device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(cfg["std"], device=self.device).view(1, 3, 1, 1)
+        x = images.to(self.device, non_blocking=True)
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255.0)
+        return (x - mean) / std
+
+    @torch.inference_mode()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        x = self._pixels(images)  # (B, 3, S, S)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            feats = self.model.encode_image(x)  # (B, D)
+        return torch.nn.functional.normalize(feats.float(), dim=-1).cpu()
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(texts).to(self.device)  # (B, L)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            feats = self.model.encode_text(tokens)  # (B, D)
+        return torch.nn.functional.normalize(feats.float(), dim=-1).cpu()
+
+
+def model_identity(model: torch.nn.Module, arch: str, weights: str) -> dict[str, Any]:
+    """What must match for two sets of vectors to be comparable (written to collection manifests)."""
+    cfg = model.visual.preprocess_cfg
+    size = model.visual.image_size
+    with torch.no_grad():
+        embed_dim = int(model.text_projection.shape[1]) if hasattr(model, "text_projection") else None
+    if embed_dim is None:
+        embed_dim = int(open_clip.get_model_config(arch)["embed_dim"])
+    return {
+        "arch": arch,
+        "weights": weights,
+        "embed_dim": embed_dim,
+        "image_size": int(size[0] if isinstance(size, (tuple, list)) else size),
+        "mean": [float(v) for v in cfg["mean"]],
+        "std": [float(v) for v in cfg["std"]],
+        "resize": "shortest-side-bicubic+center-crop",
+    }
+
+
+def load_encoder(cfg: EncoderConfig) -> Encoder:
+    """The one entry point every pipeline uses to get a dual encoder."""
+    device = resolve_device(cfg.device)
+    if cfg.checkpoint:
+        from retrieval.models.checkpoint import load_dual_encoder  # local import: checkpoint imports this module
+
+        model, arch, weights = load_dual_encoder(cfg.checkpoint)
+    else:
+        arch = cfg.arch
+        model, weights = create_clip(arch, cfg.pretrained, cfg.seed)
+    model = model.to(device).eval()
+    identity = model_identity(model, arch, weights)
+    # how to rebuild this encoder later (search reads it from the manifest); not part of the comparison
+    pretrained = os.path.abspath(cfg.pretrained) if os.path.isfile(cfg.pretrained) else cfg.pretrained
+    identity["source"] = {
+        "arch": arch,
+        "pretrained": pretrained,
+        "checkpoint": os.path.abspath(cfg.checkpoint) if cfg.checkpoint else None,
+        "seed": cfg.seed,
+    }
+    return Encoder(
+        model=model,
+        tokenizer=open_clip.get_tokenizer(arch),
+        device=device,
+        amp_dtype=autocast_dtype(device, cfg.precision),
+        identity=identity,
+    )
