@@ -1,9 +1,9 @@
 """A collection directory (DESIGN.md): the LanceDB table (truth), a FAISS index derived from it, a manifest.
 
-    DIR/images.lance/   the table: id, path, size, mtime_ns, hash, width, height, meta, vector
-    DIR/faiss.index     derived; rebuilt whenever it is older than the table (manifest index.store_version)
-    DIR/manifest.json   the model that made the vectors, and the index's type, size, recall and build time
-    DIR/.lock           held by a writer so two index runs never interleave
+DIR/images.lance/   the table: id, path, size, mtime_ns, hash, width, height, meta, vector
+DIR/faiss.index     derived; rebuilt whenever it is older than the table (manifest index.store_version)
+DIR/manifest.json   the model that made the vectors, and the index's type, size, recall and build time
+DIR/.lock           held by a writer so two index runs never interleave
 """
 
 from __future__ import annotations
@@ -40,11 +40,15 @@ class Collection:
         directory = Path(directory)
         manifest = read_manifest(directory) if directory.is_dir() else None
         if manifest is None:
-            raise CollectionError(f"{directory}: no collection here; build one with `retrieval index PATH --db {directory}`")
+            raise CollectionError(
+                f"{directory}: no collection here; build one with `retrieval index PATH --db {directory}`"
+            )
         return cls(directory, ImageStore(directory), manifest)
 
     @classmethod
-    def open_for_write(cls, directory: str | os.PathLike, model: dict[str, Any], reembed: bool = False) -> Collection:
+    def open_for_write(
+        cls, directory: str | os.PathLike, model: dict[str, Any], reembed: bool = False
+    ) -> Collection:
         """Open (or create) for indexing with `model`. A different model is refused unless `reembed`, which
         starts the table afresh. The refusal happens before anything is written."""
         directory = Path(directory)
@@ -77,7 +81,10 @@ class Collection:
     # ---- the derived index -----------------------------------------------------------------------------------
     def index_is_fresh(self) -> bool:
         info = self.manifest.get("index") or {}
-        return info.get("store_version") == self.store.version and (self.directory / faiss_index.FILENAME).exists()
+        return (
+            info.get("store_version") == self.store.version
+            and (self.directory / faiss_index.FILENAME).exists()
+        )
 
     def rebuild_index(self) -> dict[str, Any]:
         """Rebuild the FAISS index from the table, save it, and record it in the manifest."""
@@ -124,7 +131,9 @@ def _lock(directory: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise CollectionError(f"{directory}: another `retrieval index` is writing this collection; wait for it") from None
+        raise CollectionError(
+            f"{directory}: another `retrieval index` is writing this collection; wait for it"
+        ) from None
     return fd
 
 

@@ -12,7 +12,9 @@ import numpy as np
 try:
     import faiss
 except ImportError as e:  # pragma: no cover - depends on the install
-    raise ImportError("FAISS is missing: pip install 'retrieval[cpu]' (or 'retrieval[gpu]' on a CUDA machine)") from e
+    raise ImportError(
+        "FAISS is missing: pip install 'retrieval[cpu]' (or 'retrieval[gpu]' on a CUDA machine)"
+    ) from e
 
 FILENAME = "faiss.index"
 

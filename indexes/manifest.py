@@ -31,7 +31,9 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any] | None:
     except (OSError, json.JSONDecodeError) as e:
         raise CollectionError(f"{path}: unreadable manifest ({e}); re-run `retrieval index --reembed`") from e
     if data.get("format") != FORMAT:
-        raise CollectionError(f"{directory}: not a retrieval collection (manifest format {data.get('format')!r})")
+        raise CollectionError(
+            f"{directory}: not a retrieval collection (manifest format {data.get('format')!r})"
+        )
     return data
 
 

@@ -93,7 +93,12 @@ class ImageStore:
         columns = {name: [r.get(name) for r in rows] for name in ROW_COLUMNS}
         columns["vector"] = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), self.dim)
         table = pa.table(columns, schema=schema(self.dim))
-        (self._table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(table))
+        (
+            self._table.merge_insert("id")
+            .when_matched_update_all()
+            .when_not_matched_insert_all()
+            .execute(table)
+        )
 
     def delete(self, ids: Iterable[int]) -> None:
         ids = list(ids)
@@ -120,5 +125,5 @@ class ImageStore:
             yield ids, flat.astype(np.float32, copy=False).reshape(len(ids), -1)
 
     def optimize(self) -> None:
-        """Compact the small per-batch fragments and drop old versions: many small commits otherwise add up."""
-        self._table.optimize(cleanup_older_than=timedelta(seconds=0))
+        """Compact the small per-batch fragments and drop versions older than 10 minutes."""
+        self._table.optimize(cleanup_older_than=timedelta(minutes=10))  # a concurrent search keeps working

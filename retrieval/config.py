@@ -18,7 +18,9 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class EncoderConfig:
     arch: str = "ViT-B-32"  # any OpenCLIP architecture (open_clip.list_models()) or a preset of ours (tiny-vit-64, ...)
-    pretrained: str = "none"  # an OpenCLIP pretrained tag, a local weights file, or 'none': seeded random init
+    pretrained: str = (
+        "none"  # an OpenCLIP pretrained tag, a local weights file, or 'none': seeded random init
+    )
     checkpoint: str | None = None  # a checkpoint directory written by this toolkit; wins over arch/pretrained
     seed: int = 0  # random init seed: the same flags must give the same weights in every process
     device: str = "auto"  # auto: cuda when available, else cpu

@@ -73,7 +73,9 @@ def save_checkpoint(
 def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     path = Path(directory) / "config.json"
     if not path.is_file():
-        raise UserError(f"{directory}: not a checkpoint directory (no config.json); train one with `retrieval train`")
+        raise UserError(
+            f"{directory}: not a checkpoint directory (no config.json); train one with `retrieval train`"
+        )
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -81,7 +83,9 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     if config.get("format") != FORMAT:
         raise UserError(f"{path}: not a retrieval checkpoint (format={config.get('format')!r})")
     if int(config.get("version", 0)) > VERSION:
-        raise UserError(f"{path}: checkpoint version {config['version']} is newer than this toolkit; upgrade it")
+        raise UserError(
+            f"{path}: checkpoint version {config['version']} is newer than this toolkit; upgrade it"
+        )
     return config
 
 

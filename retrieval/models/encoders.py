@@ -76,7 +76,9 @@ def create_clip(arch: str, pretrained: str = "none", seed: int = 0) -> tuple[tor
         try:
             model = open_clip.create_model(arch, pretrained=pretrained, weights_only=True)
         except Exception as e:  # noqa: BLE001 - any failure to read the file is bad input
-            raise UserError(f"{pretrained}: cannot load as weights for {arch}: {str(e).splitlines()[0]}") from e
+            raise UserError(
+                f"{pretrained}: cannot load as weights for {arch}: {str(e).splitlines()[0]}"
+            ) from e
         return model, f"file:{file_digest(pretrained)}"
     tags = open_clip.list_pretrained_tags_by_model(arch)
     if pretrained not in tags:
@@ -161,7 +163,9 @@ def load_encoder(cfg: EncoderConfig) -> Encoder:
     """The one entry point every pipeline uses to get a dual encoder."""
     device = resolve_device(cfg.device)
     if cfg.checkpoint:
-        from retrieval.models.checkpoint import load_dual_encoder  # local import: checkpoint imports this module
+        from retrieval.models.checkpoint import (
+            load_dual_encoder,  # local import: checkpoint imports this module
+        )
 
         model, arch, weights = load_dual_encoder(cfg.checkpoint)
     else:

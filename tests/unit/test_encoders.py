@@ -38,11 +38,15 @@ def test_random_init_is_the_same_in_every_process():
         "e = load_encoder(EncoderConfig(arch='test-micro', device='cpu', seed=3));"
         "print(e.encode_texts(['a dog'])[0, :4].tolist())"
     )
-    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True) for _ in "ab"]
+    runs = [
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True) for _ in "ab"
+    ]
     assert runs[0].stdout == runs[1].stdout
     here = load_encoder(EncoderConfig(arch="test-micro", device="cpu", seed=3)).encode_texts(["a dog"])[0, :4]
     torch.testing.assert_close(here, torch.tensor(json.loads(runs[0].stdout)))
-    other = load_encoder(EncoderConfig(arch="test-micro", device="cpu", seed=4)).encode_texts(["a dog"])[0, :4]
+    other = load_encoder(EncoderConfig(arch="test-micro", device="cpu", seed=4)).encode_texts(["a dog"])[
+        0, :4
+    ]
     assert not torch.allclose(here, other)
 
 
@@ -58,7 +62,9 @@ def test_checkpoint_round_trip_and_identity(tmp_path):
     model, _ = create_clip("test-micro", "none", seed=5)
     save_checkpoint(tmp_path / "ck", "test-micro", {"dual_encoder": model}, extra={"training": {"steps": 1}})
     cfg = read_config(tmp_path / "ck")
-    assert cfg["components"] == {"dual_encoder": "dual_encoder.safetensors"} and cfg["training"] == {"steps": 1}
+    assert cfg["components"] == {"dual_encoder": "dual_encoder.safetensors"} and cfg["training"] == {
+        "steps": 1
+    }
     loaded, arch, weights = load_dual_encoder(tmp_path / "ck")
     assert arch == "test-micro" and weights.startswith("checkpoint:")
     for (n, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
@@ -82,7 +88,9 @@ def test_local_weights_file(tmp_path):
 
     model, _ = create_clip("test-micro", "none", seed=7)
     save_model(model, str(tmp_path / "w.safetensors"))
-    enc = load_encoder(EncoderConfig(arch="test-micro", pretrained=str(tmp_path / "w.safetensors"), device="cpu"))
+    enc = load_encoder(
+        EncoderConfig(arch="test-micro", pretrained=str(tmp_path / "w.safetensors"), device="cpu")
+    )
     assert enc.identity["weights"].startswith("file:")
     torch.testing.assert_close(enc.model.text_projection, model.text_projection)
 
@@ -91,8 +99,14 @@ def test_local_weights_file(tmp_path):
     ("cfg", "message"),
     [
         (EncoderConfig(arch="ViT-B-33", device="cpu"), "unknown model architecture 'ViT-B-33'.*ViT-B-32"),
-        (EncoderConfig(arch="test-micro", pretrained="laion9000", device="cpu"), "not a file and not a pretrained tag"),
-        (EncoderConfig(arch="test-micro", checkpoint="/nonexistent", device="cpu"), "not a checkpoint directory"),
+        (
+            EncoderConfig(arch="test-micro", pretrained="laion9000", device="cpu"),
+            "not a file and not a pretrained tag",
+        ),
+        (
+            EncoderConfig(arch="test-micro", checkpoint="/nonexistent", device="cpu"),
+            "not a checkpoint directory",
+        ),
         (EncoderConfig(arch="test-micro", device="cuda:7"), "CUDA is not available"),
     ],
 )

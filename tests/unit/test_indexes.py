@@ -8,13 +8,31 @@ from indexes.errors import CollectionError, ModelMismatch
 from indexes.manifest import read_manifest
 from indexes.store import ImageStore, path_id
 
-MODEL = {"arch": "a", "weights": "random-init:seed=0", "embed_dim": 8, "image_size": 32, "mean": [0.5] * 3,
-         "std": [0.5] * 3, "resize": "x"}
+MODEL = {
+    "arch": "a",
+    "weights": "random-init:seed=0",
+    "embed_dim": 8,
+    "image_size": 32,
+    "mean": [0.5] * 3,
+    "std": [0.5] * 3,
+    "resize": "x",
+}
 
 
 def rows_for(paths):
-    return [{"id": path_id(p), "path": p, "size": 1, "mtime_ns": 2, "hash": "h" + p, "width": 3, "height": 4,
-             "meta": "{}"} for p in paths]
+    return [
+        {
+            "id": path_id(p),
+            "path": p,
+            "size": 1,
+            "mtime_ns": 2,
+            "hash": "h" + p,
+            "width": 3,
+            "height": 4,
+            "meta": "{}",
+        }
+        for p in paths
+    ]
 
 
 def unit(n, dim=8, seed=0):
@@ -71,7 +89,9 @@ def test_other_model_is_refused_and_changes_nothing(tmp_path):
         Collection.open_for_write(tmp_path, {**MODEL, "weights": "other"})
     assert json.dumps(read_manifest(tmp_path), sort_keys=True) == before
     assert ImageStore(tmp_path).count() == 1
-    with Collection.open_for_write(tmp_path, {**MODEL, "weights": "other", "embed_dim": 4}, reembed=True) as col:
+    with Collection.open_for_write(
+        tmp_path, {**MODEL, "weights": "other", "embed_dim": 4}, reembed=True
+    ) as col:
         assert col.store.count() == 0 and col.store.dim == 4
 
 

@@ -1,0 +1,118 @@
+"""`retrieval search`: text, image, or rclip-style query arithmetic ("dog + beach - night", "2:beach") over a
+collection, with the collection's own model unless another is named (then it must be the same model)."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from indexes.collection import Collection
+from indexes.manifest import check_model
+from retrieval.config import EncoderConfig
+from retrieval.data.images import IMAGE_EXTENSIONS, ImageDecodeError, load_for_model
+from retrieval.errors import UserError
+from retrieval.models.encoders import Encoder, load_encoder
+
+_SPLIT = re.compile(r"\s+([+-])\s+")  # operators need spaces around them, so "t-shirt" stays one term
+_WEIGHT = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*:\s*(.+)$")
+
+
+@dataclass(frozen=True)
+class QueryTerm:
+    weight: float
+    text: str | None = None
+    image: str | None = None  # a path: a term naming an existing image file is an image query
+
+
+def parse_query(query: str) -> list[QueryTerm]:
+    query = query.strip()
+    if not query:
+        raise UserError("empty query: give some text, or --image FILE")
+    sign, rest = 1.0, query
+    if rest.startswith("- "):
+        sign, rest = -1.0, rest[2:]
+    parts = _SPLIT.split(rest)
+    terms, signs = parts[0::2], [sign] + [1.0 if op == "+" else -1.0 for op in parts[1::2]]
+    out = []
+    for term, s in zip(terms, signs, strict=True):
+        weight = 1.0
+        if m := _WEIGHT.match(term):
+            weight, term = float(m.group(1)), m.group(2)
+        term = term.strip()
+        if not term:
+            raise UserError(f"query {query!r}: an operator has nothing after it")
+        is_image = os.path.isfile(term) and os.path.splitext(term)[1].lower() in IMAGE_EXTENSIONS
+        out.append(QueryTerm(s * weight, image=term) if is_image else QueryTerm(s * weight, text=term))
+    return out
+
+
+def encode_image_file(encoder: Encoder, path: str) -> torch.Tensor:
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such image file")
+    try:
+        pixels, _, _ = load_for_model(path, encoder.image_size)
+    except ImageDecodeError as e:
+        raise UserError(f"{path}: cannot read image ({e})") from e
+    return encoder.encode_images(torch.from_numpy(pixels).permute(2, 0, 1)[None])[0]  # (D,)
+
+
+def query_vector(encoder: Encoder, terms: list[QueryTerm]) -> np.ndarray:
+    """Weighted sum of normalised term embeddings, normalised again: (D,) float32."""
+    texts = [t for t in terms if t.text is not None]
+    total = torch.zeros(encoder.embed_dim)
+    if texts:
+        feats = encoder.encode_texts([t.text for t in texts])  # (T, D)
+        total += (torch.tensor([t.weight for t in texts])[:, None] * feats).sum(0)
+    for t in terms:
+        if t.image is not None:
+            total += t.weight * encode_image_file(encoder, t.image)
+    if total.norm() == 0:
+        raise UserError("the query terms cancel out; change the weights")
+    return torch.nn.functional.normalize(total, dim=0).numpy().astype(np.float32)
+
+
+def encoder_config_for(collection: Collection, device: str = "auto") -> EncoderConfig:
+    """The collection's own model, rebuilt from its manifest."""
+    source = collection.model.get("source") or {}
+    checkpoint = source.get("checkpoint")
+    if checkpoint and not os.path.isdir(checkpoint):
+        raise UserError(
+            f"{collection.directory} was built with checkpoint {checkpoint}, which is gone; pass --checkpoint"
+        )
+    return EncoderConfig(
+        arch=source.get("arch", collection.model["arch"]),
+        pretrained=source.get("pretrained", "none"),
+        checkpoint=checkpoint,
+        seed=int(source.get("seed", 0)),
+        device=device,
+    )
+
+
+def search(
+    db: str | os.PathLike,
+    query: str | None = None,
+    image: str | None = None,
+    k: int = 10,
+    encoder_cfg: EncoderConfig | None = None,
+    device: str = "auto",
+) -> list[dict[str, Any]]:
+    """Top-k rows (path, score, width, height, ...) best first."""
+    if k < 1:
+        raise UserError(f"-k {k}: must be at least 1")
+    collection = Collection.open(db)
+    if encoder_cfg is None:
+        encoder = load_encoder(encoder_config_for(collection, device))
+    else:
+        encoder = load_encoder(encoder_cfg)
+        check_model(db, collection.model, encoder.identity)
+    terms = parse_query(query) if query else []
+    if image:
+        terms.append(QueryTerm(1.0, image=image))
+    if not terms:
+        raise UserError("nothing to search for: give a text query, or --image FILE")
+    return collection.search(query_vector(encoder, terms)[None], k)[0]

@@ -1,0 +1,64 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from cli.main import app
+
+BROKEN = {"truncated.jpg", "empty.png", "notes.jpg"}
+
+
+def make_images(folder: Path, n: int, seed: int = 0, start: int = 0) -> list[Path]:
+    """n small distinct images (JPEG and PNG, a few in subfolders)."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(start, start + n):
+        sub = folder / f"set{i % 3}"
+        sub.mkdir(parents=True, exist_ok=True)
+        arr = np.full((48, 64, 3), rng.integers(0, 255, 3), np.uint8)
+        y, x = rng.integers(0, 30), rng.integers(0, 40)
+        arr[y : y + 16, x : x + 20] = rng.integers(0, 255, 3)
+        path = sub / (f"img_{i:04d}.jpg" if i % 2 else f"img_{i:04d}.png")
+        Image.fromarray(arr).save(path)
+        paths.append(path)
+    return paths
+
+
+def add_broken(folder: Path) -> None:
+    good = folder / "set0" / "img_0000.png"
+    good.parent.mkdir(parents=True, exist_ok=True)
+    buf = bytearray(Image.new("RGB", (64, 64), (200, 10, 10)).tobytes())
+    Image.frombytes("RGB", (64, 64), bytes(buf)).save(folder / "full.jpg")
+    data = (folder / "full.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    (folder / "full.jpg").unlink()
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.jpg").write_text("not an image at all")
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+def invoke(runner, *args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result
+
+
+def run_cli(*args, **kw):
+    """The real console entry point in a fresh process (what a user's shell does)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "cli.main", *map(str, args)], capture_output=True, text=True, env=env, **kw
+    )
+
+
+def load_json(text: str):
+    return json.loads(text)

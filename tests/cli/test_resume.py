@@ -1,0 +1,50 @@
+"""kill -9 in the middle of `retrieval index`, then a re-run: every image is in the collection exactly once."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from indexes.store import ImageStore
+from tests.cli.conftest import make_images, run_cli
+
+
+def committed_versions(db) -> int:
+    versions = db / "images.lance" / "_versions"
+    return len(list(versions.iterdir())) if versions.is_dir() else 0
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_then_resume(tmp_path):
+    folder, db = tmp_path / "photos", tmp_path / "db"
+    good = make_images(folder, 300)
+    args = ["index", folder, "--db", db, "--model", "tiny-vit-64", "--device", "cpu", "-q"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", *map(str, args), "--batch-size", "8", "--commit-every", "16"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + 120
+    while committed_versions(db) < 4 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed; make the folder bigger"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    partial = ImageStore(db).count()
+    assert 0 < partial < len(good)
+
+    out = run_cli(*args, "--json")
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["unchanged"] == partial and summary["new"] == len(good) - partial
+    stats = ImageStore(db).stats()
+    assert len(stats) == ImageStore(db).count() == len(good)
+    assert sorted(stats) == sorted(str(p) for p in good)
+    # and the index answers over all of them
+    hits = json.loads(run_cli("search", "x", "--db", db, "-k", "1000", "--json").stdout)
+    assert len(hits) == len(good) and len({h["path"] for h in hits}) == len(good)
