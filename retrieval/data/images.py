@@ -157,7 +157,6 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if mode == "RGB" and "transparency" not in img.info:
         return img
     if mode.startswith("I;16") or mode == "I":
-        return img.convert("L").convert("RGB")
         return _gray_to_rgb(_scale_int(np.asarray(img)))
     if mode == "F":
         return _gray_to_rgb(_scale_float(np.asarray(img)))

@@ -90,6 +90,8 @@ def decoded_batches(
     pin: bool = False,
 ) -> Iterator[Batch]:
     dataset = ImageFiles(entries, image_size, max_pixels)
+    if len(entries) <= batch_size:
+        workers = 0  # one batch: starting a decoder process would cost more than it saves
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -98,6 +100,9 @@ def decoded_batches(
         worker_init_fn=_worker_init if workers else None,
         prefetch_factor=4 if workers else None,  # a few batches ahead absorbs slow files (big JPEGs, NFS)
         pin_memory=pin,
+        # not fork: the parent holds LanceDB's async runtime and torch's thread pools, and forking a process
+        # with live threads can deadlock the child
+        multiprocessing_context="forkserver" if workers else None,
     )
     yield from loader
 
