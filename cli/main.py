@@ -6,7 +6,6 @@ Exit status: 0 success, 1 runtime failure, 2 bad usage or bad input (one line on
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
@@ -15,6 +14,8 @@ from typing import Annotated
 import typer
 
 from cli import data, output
+from cli import train as train_cmds
+from cli.errors import handle_errors
 
 app = typer.Typer(
     help="Contrastive image-text retrieval: index and search image folders, train and evaluate models.",
@@ -23,34 +24,8 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(data.app, name="data")
-
-
-def fail(message: str, code: int) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def handle_errors(fn):
-    """Known failures become one line on stderr and an exit code; only genuine bugs show a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from indexes.errors import CollectionError
-        from retrieval.errors import RuntimeFailure, UserError
-
-        try:
-            return fn(*args, **kwargs)
-        except (UserError, CollectionError) as e:
-            fail(str(e), 2)
-        except RuntimeFailure as e:
-            fail(str(e), 1)
-        except KeyboardInterrupt:
-            typer.echo(
-                "interrupted: everything committed so far is kept; run the command again to resume", err=True
-            )
-            raise typer.Exit(130) from None
-
-    return wrapper
+app.command(name="train")(train_cmds.train)
+app.command(name="eval")(train_cmds.evaluate)
 
 
 ModelOpt = Annotated[str, typer.Option("--model", help="OpenCLIP architecture, e.g. ViT-B-32, or a preset")]

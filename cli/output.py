@@ -53,3 +53,12 @@ def print_index_summary(s: Any) -> None:
             err.print(f"  {path}: {reason}", markup=False, highlight=False)
         if len(s.skipped) > 50:
             err.print(f"  ... and {len(s.skipped) - 50} more (use --json for the full list)")
+
+
+def print_metrics(result: dict[str, Any]) -> None:
+    table = Table(show_edge=False)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    out.print(table)

@@ -1,0 +1,113 @@
+"""The ALBEF-style retrieval model: an OpenCLIP dual encoder (ITC) plus a fusion encoder whose text tokens attend
+to the image's patch tokens (ITM). Also the token-level encoders the fusion needs, which OpenCLIP's
+encode_image/encode_text (pooled only) don't expose."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import text_global_pool
+from torch import Tensor, nn
+
+from retrieval.models.fusion import FusionConfig, FusionEncoder, build_fusion
+
+PAD_ID = 0  # OpenCLIP's SimpleTokenizer pads with 0; SOT (first token) is where ITM reads its [CLS]
+
+
+@dataclass
+class Encoded:
+    image_feat: Tensor  # (B, D) L2-normalised
+    text_feat: Tensor  # (B, D) L2-normalised
+    image_tokens: Tensor  # (B, N, Wv) patch tokens (+ class token) after the final norm
+    text_tokens: Tensor  # (B, L, Wt) token states after ln_final
+    text_mask: Tensor  # (B, L) bool, True for real tokens
+
+
+def encode_image_tokens(clip: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
+    """images (B, 3, S, S) normalised -> (pooled projected (B, D), tokens (B, N, Wv))."""
+    visual = clip.visual
+    visual.output_tokens = True
+    try:
+        pooled, tokens = visual(images)  # (B, D), (B, N, Wv)
+    finally:
+        visual.output_tokens = False
+    return pooled, tokens
+
+
+def encode_text_tokens(clip: nn.Module, text: Tensor) -> tuple[Tensor, Tensor]:
+    """text (B, L) ids -> (pooled projected (B, D), token states (B, L, Wt)). Mirrors CLIP.encode_text."""
+    cast_dtype = clip.transformer.get_cast_dtype()
+    x = clip.token_embedding(text).to(cast_dtype)  # (B, L, Wt)
+    x = x + clip.positional_embedding.to(cast_dtype)
+    x = clip.transformer(x, attn_mask=clip.attn_mask)
+    tokens = clip.ln_final(x)  # (B, L, Wt)
+    pooled = text_global_pool(
+        tokens, text, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None)
+    )
+    if isinstance(clip.text_projection, nn.Linear):
+        pooled = clip.text_projection(pooled)
+    else:
+        pooled = pooled @ clip.text_projection  # (B, D)
+    return pooled, tokens
+
+
+class AlbefModel(nn.Module):
+    def __init__(self, clip: nn.Module, fusion_cfg: FusionConfig):
+        super().__init__()
+        self.clip = clip
+        image_width = clip.visual.transformer.width
+        text_width = clip.transformer.width
+        self.fusion_cfg = dataclasses.replace(fusion_cfg, image_width=image_width, text_width=text_width)
+        self.fusion: FusionEncoder = build_fusion(self.fusion_cfg)
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        return self.clip.logit_scale
+
+    def encode(self, images: Tensor, text: Tensor) -> Encoded:
+        image_feat, image_tokens = encode_image_tokens(self.clip, images)
+        text_feat, text_tokens = encode_text_tokens(self.clip, text)
+        return Encoded(
+            F.normalize(image_feat, dim=-1),
+            F.normalize(text_feat, dim=-1),
+            image_tokens,
+            text_tokens,
+            text != PAD_ID,
+        )
+
+    def itm_logits(self, text_tokens: Tensor, text_mask: Tensor, image_tokens: Tensor) -> Tensor:
+        return self.fusion.itm_logits(text_tokens, text_mask, image_tokens)  # (B, 2)
+
+    def momentum_copy(self) -> AlbefModel:
+        """A frozen EMA twin for momentum distillation (ALBEF)."""
+        twin = copy.deepcopy(self)
+        for p in twin.parameters():
+            p.requires_grad_(False)
+        return twin
+
+
+@torch.no_grad()
+def itm_match_prob(model: AlbefModel, text_tokens: Tensor, text_mask: Tensor, image_tokens: Tensor) -> Tensor:
+    """(B,) probability that text i matches image i, the score ITM re-ranking sorts by."""
+    return model.itm_logits(text_tokens, text_mask, image_tokens).float().softmax(-1)[:, 1]
+
+
+def load_albef(directory) -> tuple[AlbefModel, str]:
+    """A trained checkpoint with a fusion/ITM component -> (AlbefModel on the CPU, architecture)."""
+    from retrieval.config import from_dict
+    from retrieval.errors import UserError
+    from retrieval.models.checkpoint import load_component, load_dual_encoder, read_config
+
+    config = read_config(directory)
+    if "fusion" not in config.get("components", {}):
+        raise UserError(
+            f"{directory}: this checkpoint has no ITM head (fusion); train with objectives.itm=true"
+        )
+    clip, arch, _ = load_dual_encoder(directory)
+    model = AlbefModel(clip, from_dict(FusionConfig, config.get("fusion", {}), "fusion"))
+    load_component(directory, "fusion", model.fusion)
+    return model.eval(), arch

@@ -1,0 +1,151 @@
+"""Training data: pairs -> (uint8 pixels, token ids, caption ids), and a deterministic, resumable batch order.
+
+Small datasets are decoded once and kept in memory as uint8 (a 64 px image is 12 KB); bigger ones stream from disk
+through DataLoader workers. Either way the order of batches is a pure function of (seed, micro-step, rank), so a
+resumed run sees exactly the batches the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from retrieval.data.images import ImageDecodeError, load_for_model
+from retrieval.data.pairs import Pair, PairStats, iter_pairs
+from retrieval.errors import UserError
+
+
+@dataclass
+class TrainBatch:
+    pixels: torch.Tensor  # (B, 3, S, S) uint8
+    tokens: torch.Tensor  # (B, L) long
+    caption_ids: (
+        torch.Tensor
+    )  # (B,) long: equal captions share an id, so they count as positives of each other
+
+
+def load_pairs(source: str | os.PathLike, stats: PairStats | None = None) -> list[Pair]:
+    pairs = list(iter_pairs(source, stats))
+    if not pairs:
+        raise UserError(f"{source}: no usable image-text pairs")
+    return pairs
+
+
+def caption_ids(captions: list[str]) -> torch.Tensor:
+    index: dict[str, int] = {}
+    return torch.tensor([index.setdefault(c.strip().lower(), len(index)) for c in captions], dtype=torch.long)
+
+
+class PairImages:
+    """Decoded images of a list of pairs, cached as one uint8 tensor, or decoded per access."""
+
+    def __init__(
+        self, pairs: list[Pair], image_size: int, cache: bool, max_cache_gb: float, progress: bool = True
+    ):
+        self.pairs, self.size = pairs, image_size
+        self.failed: dict[str, str] = {}
+        self.cache: torch.Tensor | None = None
+        need_gb = len(pairs) * 3 * image_size * image_size / 1e9
+        if cache and need_gb <= max_cache_gb:
+            self.cache = torch.empty(
+                (len(pairs), 3, image_size, image_size), dtype=torch.uint8
+            )  # (N, 3, S, S)
+            ok = torch.ones(len(pairs), dtype=torch.bool)
+            bar = tqdm(pairs, desc="decoding", unit="img", file=sys.stderr, disable=not progress, leave=False)
+            for i, pair in enumerate(bar):
+                pixels = self._decode(pair)
+                if pixels is None:
+                    ok[i] = False
+                else:
+                    self.cache[i] = pixels
+            self.valid = ok
+        else:
+            self.valid = torch.ones(len(pairs), dtype=torch.bool)
+
+    def _decode(self, pair: Pair) -> torch.Tensor | None:
+        try:
+            pixels, _, _ = load_for_model(pair.image, self.size)
+        except ImageDecodeError as e:
+            self.failed[pair.key] = str(e)
+            return None
+        return torch.from_numpy(pixels).permute(2, 0, 1)  # (3, S, S)
+
+    def __getitem__(self, i: int) -> torch.Tensor | None:
+        if self.cache is not None:
+            return self.cache[i]
+        return self._decode(self.pairs[i])
+
+
+class BatchPlan:
+    """Micro-batch m on rank r -> dataset indices. Each epoch is a fresh permutation seeded by (seed, epoch);
+    the last incomplete global batch of an epoch is dropped so every rank has the same number of batches."""
+
+    def __init__(self, valid: torch.Tensor, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        self.indices = valid.nonzero().flatten()  # (N_valid,)
+        self.batch, self.seed, self.rank, self.world = batch_size, seed, rank, world
+        self.per_epoch = len(self.indices) // (batch_size * world)
+        if self.per_epoch == 0:
+            raise UserError(
+                f"only {len(self.indices)} usable pairs: fewer than one batch of {batch_size} x {world} process(es);"
+                " lower batch_size (--set batch_size=N)"
+            )
+        self._epoch, self._perm = -1, None
+
+    def __call__(self, micro_step: int) -> torch.Tensor:
+        epoch, j = divmod(micro_step, self.per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._epoch, self._perm = epoch, self.indices[torch.randperm(len(self.indices), generator=g)]
+        start = (j * self.world + self.rank) * self.batch
+        return self._perm[start : start + self.batch]
+
+
+class TrainData:
+    def __init__(self, pairs: list[Pair], images: PairImages, tokenizer, plan: BatchPlan):
+        self.images, self.plan = images, plan
+        self.tokens = tokenizer([p.caption for p in pairs])  # (N, L)
+        self.ids = caption_ids([p.caption for p in pairs])  # (N,)
+
+    def batch(self, micro_step: int) -> TrainBatch:
+        idx = self.plan(micro_step)
+        if self.images.cache is not None:
+            pixels = self.images.cache[idx]  # (B, 3, S, S)
+        else:
+            decoded = [(i, self.images[int(i)]) for i in idx]
+            keep = [i for i, p in decoded if p is not None]
+            if not keep:
+                raise UserError("a whole batch of images failed to decode; check the data")
+            pixels = torch.stack([p for _, p in decoded if p is not None])
+            idx = torch.tensor(keep)
+        return TrainBatch(pixels, self.tokens[idx], self.ids[idx])
+
+    def batches(self, start: int, stop: int) -> Iterator[TrainBatch]:
+        for m in range(start, stop):
+            yield self.batch(m)
+
+
+def normalize(
+    pixels: torch.Tensor, mean: list[float], std: list[float], device: torch.device
+) -> torch.Tensor:
+    x = pixels.to(device, non_blocking=True).float().div_(255.0)  # (B, 3, S, S)
+    m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+def describe_skips(stats: PairStats, images: PairImages) -> str:
+    skipped = dict(stats.skipped)
+    if images.failed:
+        skipped["undecodable image"] = len(images.failed)
+    if not skipped:
+        return "no pairs skipped"
+    return "skipped " + ", ".join(f"{n} {reason}" for reason, n in skipped.items())
+
+
+__all__ = ["TrainData", "BatchPlan", "PairImages", "load_pairs", "normalize", "np"]
