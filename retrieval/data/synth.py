@@ -278,9 +278,10 @@ def _prepare(out: Path) -> None:
     if out.is_dir() and any(out.iterdir()):
         if not (out / "synth.json").is_file():
             raise UserError(f"{out}: not empty and holds no synth.json; pick a new or empty folder")
-        for old in (out / "images").glob("*.jpg"):  # a regenerated set must not keep stale images
+        for old in (out / "images").rglob("*.jpg"):  # a regenerated set must not keep stale images
             old.unlink()
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    for split in ("train", "heldout"):  # one folder per split, so `retrieval index` can take the held-out one
+        (out / "images" / split).mkdir(parents=True, exist_ok=True)
 
 
 def _add_noise(rows: list[dict[str, Any]], fraction: float, rng: random.Random) -> int:
@@ -310,7 +311,7 @@ def generate(out_dir: str | Path, cfg: SynthConfig = SynthConfig(), progress: bo
     for i in range(cfg.n):
         split = "train" if i < n_train else "heldout"
         scene = _sample_scene(rng, split == "heldout", cfg.two_object_prob)
-        rel = f"images/{i:0{width}d}.jpg"
+        rel = f"images/{split}/{i:0{width}d}.jpg"
         caption = caption_for(scene["objects"], scene["relation"])
         row = {"image": rel, "caption": caption, **scene, "noisy": False, "clean_caption": caption}
         splits[split].append(row)

@@ -128,7 +128,7 @@ def test_itm_learns_a_toy_matching_rule() -> None:
     concepts = (torch.randn(6, CFG.text_width, generator=g), torch.randn(6, CFG.image_width, generator=g))
     fusion = build_fusion(CFG)
     opt = torch.optim.AdamW(fusion.parameters(), lr=3e-3)
-    for _ in range(300):
+    for _ in range(200):
         text, mask, image, label = _toy_batch(64, g, concepts)
         loss = torch.nn.functional.cross_entropy(fusion.itm_logits(text, mask, image), label)
         opt.zero_grad()

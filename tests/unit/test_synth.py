@@ -54,7 +54,7 @@ def test_same_seed_same_bytes(tmp_path: Path) -> None:
     generate(tmp_path / "c", SynthConfig(n=30, noise=0.2, seed=8), progress=False)
     a, b, c = files(tmp_path / "a"), files(tmp_path / "b"), files(tmp_path / "c")
     assert len(a) == 30 + 3 and a == b
-    assert a["train.jsonl"] != c["train.jsonl"] and a["images/000000.jpg"] != c["images/000000.jpg"]
+    assert a["train.jsonl"] != c["train.jsonl"] and a["images/train/000000.jpg"] != c["images/train/000000.jpg"]
 
 
 def test_worker_count_does_not_change_bytes(tmp_path: Path) -> None:
@@ -243,4 +243,4 @@ def test_refuses_a_foreign_non_empty_folder_and_regenerates_its_own(tmp_path: Pa
     out = tmp_path / "set"
     generate(out, SynthConfig(n=20), progress=False)
     generate(out, SynthConfig(n=10), progress=False)  # smaller re-run: no stale images left behind
-    assert len(list((out / "images").iterdir())) == 10 and (tmp_path / "mine.txt").exists()
+    assert len(list((out / "images").rglob("*.jpg"))) == 10 and (tmp_path / "mine.txt").exists()

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The main job end to end, offline, on data the project makes:
+#   generate captioned scenes -> train a tiny ITC+ITM model -> index the held-out images -> search -> evaluate.
+# Usage: bash demo.sh [OUT_DIR]     (STEPS=N bash demo.sh for a shorter or longer training run)
+set -euo pipefail
+cd "$(dirname "$0")"
+OUT=${1:-demo}
+STEPS=${STEPS:-800}
+python3 -m pip install -q -e ".[dev]"
+
+rm -rf "$OUT"
+retrieval data synth "$OUT/scenes" -n 6000 --seed 0
+retrieval train "$OUT/scenes/train.jsonl" --out "$OUT/model" \
+  --set steps="$STEPS" --set eval_pairs="$OUT/scenes/heldout.jsonl" --set eval_every=200
+retrieval index "$OUT/scenes/images/heldout" --db "$OUT/collection" --checkpoint "$OUT/model"
+for q in "a large red circle" "a small green square above a large blue circle" "a yellow cross - small"; do
+  echo "== $q"
+  retrieval search "$q" --db "$OUT/collection" -k 5
+done
+retrieval search "a large red circle to the left of a small blue square" --db "$OUT/collection" -k 24 \
+  --html "$OUT/contact_sheet.html"
+retrieval eval "$OUT/scenes/heldout.jsonl" --checkpoint "$OUT/model" --rerank 16
+echo "contact sheet: $OUT/contact_sheet.html; training log: $OUT/model/log.jsonl"
