@@ -1,0 +1,89 @@
+"""The training commands end to end: data synth -> train -> eval / index / search, kill -9 + --resume, torchrun."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.cli.conftest import run_cli
+
+TINY = ["model.arch=test-micro", "model.fusion.width=32", "model.fusion.layers=1", "model.fusion.heads=2",
+        "batch_size=16", "log_every=1", "optim.warmup_steps=2"]
+
+
+def sets(*items):
+    return [arg for item in items for arg in ("--set", item)]
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli-scenes") / "scenes"
+    result = run_cli("data", "synth", out, "-n", "120", "--image-size", "48")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    return out
+
+
+def test_train_eval_index_search(scenes, tmp_path):
+    ck = tmp_path / "ck"
+    result = run_cli("train", scenes / "train.jsonl", "--out", ck, "-q", *sets(*TINY, "steps=4"))
+    assert result.returncode == 0, result.stderr
+    result = run_cli("eval", scenes / "heldout.jsonl", "--checkpoint", ck, "--rerank", "4", "--json")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(result.stdout)
+    for key in ("t2i.R@1", "t2i.R@5", "i2t.R@1", "rerank.t2i.R@1", "binding", "binding.itc"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    db = tmp_path / "db"
+    assert run_cli("index", scenes / "images" / "heldout", "--db", db, "--checkpoint", ck, "-q").returncode == 0
+    hits = json.loads(run_cli("search", "a large red circle", "--db", db, "-k", "3", "--json").stdout)
+    assert len(hits) == 3 and all(os.path.exists(h["path"]) for h in hits)
+
+
+def test_bad_training_input_is_one_line_exit_2(scenes, tmp_path):
+    for args in (
+        ["train", tmp_path / "nope.jsonl", "--out", tmp_path / "o"],
+        ["train", scenes / "train.jsonl", "--out", tmp_path / "o", "--set", "optim.lrr=1"],
+        ["eval", scenes / "heldout.jsonl", "--checkpoint", tmp_path],
+    ):
+        result = run_cli(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_ends_at_the_same_step_with_a_continuous_log(scenes, tmp_path):
+    ck = tmp_path / "ck"
+    args = ["train", scenes / "train.jsonl", "--out", ck, "-q", *sets(*TINY, "steps=400", "save_every=5")]
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", *map(str, args)], stderr=subprocess.DEVNULL)
+    state = ck / "resume" / "state.pt"
+    deadline = time.time() + 120
+    while not state.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert proc.poll() is None, "training finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = len((ck / "log.jsonl").read_text().splitlines())
+    assert killed_at < 400
+
+    result = run_cli(*args, "--resume", "--stop-after", "60")
+    assert result.returncode == 0, result.stderr
+    steps = [json.loads(line)["step"] for line in (ck / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 61))  # no gap, no duplicate where it was killed
+
+
+@pytest.mark.slow
+def test_torchrun_two_gloo_processes(scenes, tmp_path):
+    ck = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "cli.main", "train", str(scenes / "train.jsonl"), "--out", str(ck), "-q",
+           *sets(*TINY, "steps=3", "device=cpu")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    log = [json.loads(line) for line in (ck / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]  # rank 0 alone writes the log
+    assert (ck / "dual_encoder.safetensors").exists() and (ck / "fusion.safetensors").exists()
