@@ -53,7 +53,9 @@ def model_alone(arch: str, batch: int, folder: Path, batches: int) -> float:
 
     enc = load_encoder(EncoderConfig(arch=arch, device="cpu"))
     files = sorted(folder.rglob("*.jpg"))[:batch]
-    pixels = torch.from_numpy(np.stack([load_for_model(str(f), enc.image_size)[0] for f in files])).permute(0, 3, 1, 2)
+    pixels = torch.from_numpy(np.stack([load_for_model(str(f), enc.image_size)[0] for f in files])).permute(
+        0, 3, 1, 2
+    )
     enc.encode_images(pixels)  # warm-up
     start = time.perf_counter()
     for _ in range(batches):
@@ -80,13 +82,17 @@ print(json.dumps({{"n": s.new, "skipped": len(s.skipped), "wall": wall, "rss_aft
 
 
 def pipeline(arch: str, batch: int, workers: int, folder: Path, db: Path) -> dict:
-    code = PIPELINE.format(root=str(ROOT), arch=arch, folder=str(folder), db=str(db), batch=batch, workers=workers)
+    code = PIPELINE.format(
+        root=str(ROOT), arch=arch, folder=str(folder), db=str(db), batch=batch, workers=workers
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--arch", default="ViT-S-32-alt")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--batch-size", type=int, default=64)
@@ -94,14 +100,18 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "retrieval-bench")
     args = parser.parse_args()
 
-    print(f"machine: {os.cpu_count()} cores; arch {args.arch}, batch {args.batch_size}, workers {args.workers}")
+    print(
+        f"machine: {os.cpu_count()} cores; arch {args.arch}, batch {args.batch_size}, workers {args.workers}"
+    )
     rows = []
     for n in args.sizes:
         folder = args.work / f"images-{n}"
         t0 = time.perf_counter()
         make_folder(folder, n)
         print(f"folder of {n} images ready ({time.perf_counter() - t0:.0f}s)", flush=True)
-        alone = model_alone(args.arch, args.batch_size, folder, batches=max(3, min(20, n // args.batch_size // 4)))
+        alone = model_alone(
+            args.arch, args.batch_size, folder, batches=max(3, min(20, n // args.batch_size // 4))
+        )
         db = args.work / f"db-{n}-{time.time_ns()}"
         result = pipeline(args.arch, args.batch_size, args.workers, folder, db)
         rate = result["n"] / result["wall"]

@@ -62,8 +62,14 @@ def ours(pairs_file: Path, arch: str, batch: int, steps: int, itm: bool, work: P
     out = work / f"ours-itm{int(itm)}"
     cfg = load_train_config(
         None,
-        [f"model.arch={arch}", f"batch_size={batch}", f"steps={steps + 3}", "log_every=1", f"save_every={10**9}",
-         f"objectives.itm={'true' if itm else 'false'}"],
+        [
+            f"model.arch={arch}",
+            f"batch_size={batch}",
+            f"steps={steps + 3}",
+            "log_every=1",
+            f"save_every={10**9}",
+            f"objectives.itm={'true' if itm else 'false'}",
+        ],
     )
     train(str(pairs_file), out, cfg, progress=False)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -72,7 +78,9 @@ def ours(pairs_file: Path, arch: str, batch: int, steps: int, itm: bool, work: P
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--arch", default="tiny-vit-64")
     parser.add_argument("--batch-size", type=int, default=96)
     parser.add_argument("--steps", type=int, default=30)
@@ -84,13 +92,19 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="retrieval-train-bench-"))
     generate(work / "scenes", SynthConfig(n=args.n), progress=False)
     pairs = work / "scenes" / "train.jsonl"
-    print(f"{torch.get_num_threads()} threads; arch {args.arch}, batch {args.batch_size}, {args.steps} timed steps")
+    print(
+        f"{torch.get_num_threads()} threads; arch {args.arch}, batch {args.batch_size}, {args.steps} timed steps"
+    )
     ref = reference(pairs, args.arch, args.batch_size, args.steps)
     print(f"open_clip ClipLoss minimal loop: {ref:7.1f} samples/s", flush=True)
     itc = ours(pairs, args.arch, args.batch_size, args.steps, itm=False, work=work)
-    print(f"ours, ITC only:                  {itc:7.1f} samples/s  ({itc / ref:.2f}x the reference)", flush=True)
+    print(
+        f"ours, ITC only:                  {itc:7.1f} samples/s  ({itc / ref:.2f}x the reference)", flush=True
+    )
     both = ours(pairs, args.arch, args.batch_size, args.steps, itm=True, work=work)
-    print(f"ours, ITC + ITM (hard negatives): {both:6.1f} samples/s  ({both / ref:.2f}x; ITM adds a fusion pass)")
+    print(
+        f"ours, ITC + ITM (hard negatives): {both:6.1f} samples/s  ({both / ref:.2f}x; ITM adds a fusion pass)"
+    )
 
 
 if __name__ == "__main__":

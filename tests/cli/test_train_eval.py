@@ -11,8 +11,15 @@ import pytest
 
 from tests.cli.conftest import run_cli
 
-TINY = ["model.arch=test-micro", "model.fusion.width=32", "model.fusion.layers=1", "model.fusion.heads=2",
-        "batch_size=16", "log_every=1", "optim.warmup_steps=2"]
+TINY = [
+    "model.arch=test-micro",
+    "model.fusion.width=32",
+    "model.fusion.layers=1",
+    "model.fusion.heads=2",
+    "batch_size=16",
+    "log_every=1",
+    "optim.warmup_steps=2",
+]
 
 
 def sets(*items):
@@ -38,7 +45,9 @@ def test_train_eval_index_search(scenes, tmp_path):
     for key in ("t2i.R@1", "t2i.R@5", "i2t.R@1", "rerank.t2i.R@1", "binding", "binding.itc"):
         assert 0.0 <= metrics[key] <= 1.0, key
     db = tmp_path / "db"
-    assert run_cli("index", scenes / "images" / "heldout", "--db", db, "--checkpoint", ck, "-q").returncode == 0
+    assert (
+        run_cli("index", scenes / "images" / "heldout", "--db", db, "--checkpoint", ck, "-q").returncode == 0
+    )
     hits = json.loads(run_cli("search", "a large red circle", "--db", db, "-k", "3", "--json").stdout)
     assert len(hits) == 3 and all(os.path.exists(h["path"]) for h in hits)
 
@@ -79,10 +88,26 @@ def test_kill_9_then_resume_ends_at_the_same_step_with_a_continuous_log(scenes, 
 @pytest.mark.slow
 def test_torchrun_two_gloo_processes(scenes, tmp_path):
     ck = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           "-m", "cli.main", "train", str(scenes / "train.jsonl"), "--out", str(ck), "-q",
-           *sets(*TINY, "steps=3", "device=cpu")]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        "-m",
+        "cli.main",
+        "train",
+        str(scenes / "train.jsonl"),
+        "--out",
+        str(ck),
+        "-q",
+        *sets(*TINY, "steps=3", "device=cpu"),
+    ]
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     log = [json.loads(line) for line in (ck / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3]  # rank 0 alone writes the log

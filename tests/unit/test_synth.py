@@ -54,7 +54,9 @@ def test_same_seed_same_bytes(tmp_path: Path) -> None:
     generate(tmp_path / "c", SynthConfig(n=30, noise=0.2, seed=8), progress=False)
     a, b, c = files(tmp_path / "a"), files(tmp_path / "b"), files(tmp_path / "c")
     assert len(a) == 30 + 3 and a == b
-    assert a["train.jsonl"] != c["train.jsonl"] and a["images/train/000000.jpg"] != c["images/train/000000.jpg"]
+    assert (
+        a["train.jsonl"] != c["train.jsonl"] and a["images/train/000000.jpg"] != c["images/train/000000.jpg"]
+    )
 
 
 def test_worker_count_does_not_change_bytes(tmp_path: Path) -> None:
