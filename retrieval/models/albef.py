@@ -23,8 +23,8 @@ class Encoded:
     image_feat: Tensor  # (B, D) L2-normalised
     text_feat: Tensor  # (B, D) L2-normalised
     image_tokens: Tensor  # (B, N, Wv) patch tokens (+ class token) after the final norm
-    text_tokens: Tensor  # (B, L, Wt) token states after ln_final
-    text_mask: Tensor  # (B, L) bool, True for real tokens
+    text_tokens: Tensor  # (B, L', Wt) token states after ln_final, trailing all-padding columns dropped
+    text_mask: Tensor  # (B, L') bool, True for real tokens
 
 
 def encode_image_tokens(clip: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
@@ -38,12 +38,30 @@ def encode_image_tokens(clip: nn.Module, images: Tensor) -> tuple[Tensor, Tensor
     return pooled, tokens
 
 
-def encode_text_tokens(clip: nn.Module, text: Tensor) -> tuple[Tensor, Tensor]:
-    """text (B, L) ids -> (pooled projected (B, D), token states (B, L, Wt)). Mirrors CLIP.encode_text."""
+def trimmed_length(clip: nn.Module, text: Tensor) -> int:
+    """How many leading positions of `text` (B, L) the text tower must run to give exactly its full-length
+    outputs: up to the longest text in the batch when the tower is causal and pools a token inside the text
+    (argmax/EOT, eos or first), since then positions after it never reach an earlier one; else all L."""
+    if getattr(clip, "attn_mask", None) is None or clip.text_pool_type not in ("argmax", "eos", "first"):
+        return text.shape[1]
+    real = (text != PAD_ID).any(dim=0).nonzero()  # columns holding a real token in some row
+    return int(real.max()) + 1 if len(real) else 1
+
+
+def encode_text_tokens(clip: nn.Module, text: Tensor, trim: bool = False) -> tuple[Tensor, Tensor]:
+    """text (B, L) ids -> (pooled projected (B, D), token states (B, L', Wt)). Mirrors CLIP.encode_text.
+
+    trim=True drops the trailing columns that are padding in every row (see trimmed_length; the result is the
+    same, for L' <= L): synth captions fill half of a 32-token context, so training runs the text tower and the
+    fusion encoder on half the tokens. The caller slices its mask with `text[:, :L']`.
+    """
+    length = trimmed_length(clip, text) if trim else text.shape[1]
+    text = text[:, :length]  # (B, L')
     cast_dtype = clip.transformer.get_cast_dtype()
-    x = clip.token_embedding(text).to(cast_dtype)  # (B, L, Wt)
-    x = x + clip.positional_embedding.to(cast_dtype)
-    x = clip.transformer(x, attn_mask=clip.attn_mask)
+    x = clip.token_embedding(text).to(cast_dtype)  # (B, L', Wt)
+    x = x + clip.positional_embedding[:length].to(cast_dtype)
+    mask = clip.attn_mask[:length, :length] if clip.attn_mask is not None else None
+    x = clip.transformer(x, attn_mask=mask)
     tokens = clip.ln_final(x)  # (B, L, Wt)
     pooled = text_global_pool(
         tokens, text, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None)
@@ -70,13 +88,13 @@ class AlbefModel(nn.Module):
 
     def encode(self, images: Tensor, text: Tensor) -> Encoded:
         image_feat, image_tokens = encode_image_tokens(self.clip, images)
-        text_feat, text_tokens = encode_text_tokens(self.clip, text)
+        text_feat, text_tokens = encode_text_tokens(self.clip, text, trim=True)  # (B, D), (B, L', Wt)
         return Encoded(
             F.normalize(image_feat, dim=-1),
             F.normalize(text_feat, dim=-1),
             image_tokens,
             text_tokens,
-            text != PAD_ID,
+            text[:, : text_tokens.shape[1]] != PAD_ID,
         )
 
     def itm_logits(self, text_tokens: Tensor, text_mask: Tensor, image_tokens: Tensor) -> Tensor:

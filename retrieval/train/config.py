@@ -55,8 +55,11 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     objectives: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    steps: int = 3000  # optimizer steps (each of batch_size * grad_accum pairs)
+    steps: int = 800  # optimizer steps (each of batch_size * grad_accum pairs); ~15 min on 2 CPU cores
     batch_size: int = 96  # pairs per micro-batch; also the contrastive batch on one process
+    hard_batches: float = 0.5  # share of each batch filled with lexical neighbours of the rest's captions:
+    # random batches almost never hold captions one word apart, so neither ITC nor ITM's mining learns them
+    neighbours: int = 16  # candidates per caption for hard_batches (drawn uniformly among them)
     grad_accum: int = 1  # micro-batches per optimizer step (each micro-batch is its own contrastive batch)
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or fp32, bf16, fp16
     grad_checkpointing: bool = False  # recompute tower activations in backward: less memory, ~30% slower
@@ -134,4 +137,9 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] = ())
         raise UserError("objectives: enable at least one of itc, itm")
     if cfg.objectives.itm and not cfg.objectives.itc:
         raise UserError("objectives.itm needs itc: ITM mines its negatives from the contrastive similarities")
+    if not 0 <= cfg.hard_batches < 1 or cfg.neighbours < 1:
+        raise UserError(
+            f"hard_batches={cfg.hard_batches}, neighbours={cfg.neighbours}: need 0 <= hard_batches < 1 and "
+            "neighbours >= 1"
+        )
     return cfg

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from retrieval.data.images import ImageDecodeError, load_for_model
 from retrieval.data.pairs import Pair, PairStats, iter_pairs
 from retrieval.errors import UserError
+from retrieval.train.neighbours import caption_ids
 
 
 @dataclass
@@ -35,11 +36,6 @@ def load_pairs(source: str | os.PathLike, stats: PairStats | None = None) -> lis
     if not pairs:
         raise UserError(f"{source}: no usable image-text pairs")
     return pairs
-
-
-def caption_ids(captions: list[str]) -> torch.Tensor:
-    index: dict[str, int] = {}
-    return torch.tensor([index.setdefault(c.strip().lower(), len(index)) for c in captions], dtype=torch.long)
 
 
 class PairImages:
@@ -84,12 +80,32 @@ class PairImages:
 
 class BatchPlan:
     """Micro-batch m on rank r -> dataset indices. Each epoch is a fresh permutation seeded by (seed, epoch);
-    the last incomplete global batch of an epoch is dropped so every rank has the same number of batches."""
+    the last incomplete global batch of an epoch is dropped so every rank has the same number of batches.
 
-    def __init__(self, valid: torch.Tensor, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+    With `neighbours` (N, k) and mix > 0, only batch - round(mix * batch) indices come from the permutation;
+    the first round(mix * batch) of them each bring one of their caption neighbours, drawn with a generator
+    seeded by (seed, m, rank). An epoch then walks the permutation once, in more (harder) batches.
+    """
+
+    def __init__(
+        self,
+        valid: torch.Tensor,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        neighbours: torch.Tensor | None = None,
+        mix: float = 0.0,
+    ):
         self.indices = valid.nonzero().flatten()  # (N_valid,)
         self.batch, self.seed, self.rank, self.world = batch_size, seed, rank, world
-        self.per_epoch = len(self.indices) // (batch_size * world)
+        self.n_near = round(mix * batch_size) if neighbours is not None else 0
+        self.n_seed = batch_size - self.n_near
+        if neighbours is not None:
+            near = neighbours.masked_fill((neighbours < 0) | ~valid[neighbours.clamp(min=0)], -1)  # (N, k)
+            order = (near < 0).to(torch.int8).argsort(dim=1, stable=True)  # usable ones first, in rank order
+            self.neighbours = near.gather(1, order)  # (N, k)
+        self.per_epoch = len(self.indices) // (self.n_seed * world)
         if self.per_epoch == 0:
             raise UserError(
                 f"only {len(self.indices)} usable pairs: fewer than one batch of {batch_size} x {world} process(es);"
@@ -102,8 +118,18 @@ class BatchPlan:
         if epoch != self._epoch:
             g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
             self._epoch, self._perm = epoch, self.indices[torch.randperm(len(self.indices), generator=g)]
-        start = (j * self.world + self.rank) * self.batch
-        return self._perm[start : start + self.batch]
+        start = (j * self.world + self.rank) * self.n_seed
+        seeds = self._perm[start : start + self.n_seed]  # (S,)
+        if not self.n_near:
+            return seeds
+        g = torch.Generator().manual_seed((self.seed * 100_003 + micro_step) * 1_009 + self.rank)
+        options = self.neighbours[seeds[: self.n_near]]  # (M, k), -1: none
+        count = (options >= 0).sum(dim=1)  # (M,) neighbours are packed first, -1s after
+        pick = (torch.rand(self.n_near, generator=g) * count.clamp(min=1)).long()  # (M,)
+        near = options.gather(1, pick[:, None]).squeeze(1)  # (M,)
+        fallback = self.indices[torch.randint(len(self.indices), (self.n_near,), generator=g)]
+        near = torch.where(count > 0, near, fallback)  # a caption with no neighbour brings a random pair
+        return torch.cat([seeds, near])  # (B,)
 
 
 class TrainData:

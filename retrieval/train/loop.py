@@ -33,6 +33,7 @@ from retrieval.models.checkpoint import load_dual_encoder, save_checkpoint
 from retrieval.models.encoders import autocast_dtype, create_clip, resolve_device
 from retrieval.train.config import TrainConfig
 from retrieval.train.data import BatchPlan, PairImages, TrainData, describe_skips, load_pairs, normalize
+from retrieval.train.neighbours import caption_neighbours
 from retrieval.train.tasks import ItcItmTask
 
 RESUME = "resume"
@@ -160,12 +161,11 @@ def train(
     image_size = model.clip.visual.image_size
     image_size = int(image_size[0] if isinstance(image_size, (tuple, list)) else image_size)
     images = PairImages(pairs, image_size, cfg.cache_images, cfg.max_cache_gb, progress and rank == 0)
-    data = TrainData(
-        pairs,
-        images,
-        open_clip.get_tokenizer(arch),
-        BatchPlan(images.valid, cfg.batch_size, cfg.seed, rank, world),
-    )
+    near = None
+    if cfg.hard_batches > 0:
+        near = caption_neighbours([p.caption for p in pairs], cfg.neighbours, seed=cfg.seed)  # (N, k)
+    plan = BatchPlan(images.valid, cfg.batch_size, cfg.seed, rank, world, near, cfg.hard_batches)
+    data = TrainData(pairs, images, open_clip.get_tokenizer(arch), plan)
     task = ItcItmTask(model, cfg.objectives, cfg.seed + rank).to(device)
     opt = torch.optim.AdamW(
         param_groups(task, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas

@@ -140,3 +140,21 @@ def test_itm_learns_a_toy_matching_rule() -> None:
         text, mask, image, label = _toy_batch(512, g, concepts)
         acc = (fusion.itm_logits(text, mask, image).argmax(1) == label).float().mean().item()
     assert acc > 0.9, acc
+
+
+def test_text_tower_on_trimmed_padding_gives_the_full_length_outputs() -> None:
+    """Training runs the text tower and fusion on the batch's longest text only; that must be exact."""
+    import open_clip
+
+    from retrieval.models.albef import PAD_ID, encode_text_tokens
+    from retrieval.models.encoders import create_clip
+
+    clip = create_clip("test-micro", "none")[0].eval()
+    text = open_clip.get_tokenizer("test-micro")(["a red circle", "a small blue square above a large red cross"])
+    full_pooled, full_tokens = encode_text_tokens(clip, text)
+    pooled, tokens = encode_text_tokens(clip, text, trim=True)
+    longest = int((text != PAD_ID).sum(1).max())
+    assert tokens.shape[1] == longest < text.shape[1]
+    torch.testing.assert_close(pooled, full_pooled)
+    torch.testing.assert_close(tokens, full_tokens[:, :longest])
+    torch.testing.assert_close(pooled, clip.encode_text(text))  # and both are OpenCLIP's own encode_text
