@@ -60,6 +60,8 @@ class TrainConfig:
     hard_batches: float = 0.5  # share of each batch filled with lexical neighbours of the rest's captions:
     # random batches almost never hold captions one word apart, so neither ITC nor ITM's mining learns them
     neighbours: int = 16  # candidates per caption for hard_batches (drawn uniformly among them)
+    mine_every: int = 100  # re-mine hard_batches' neighbours with the model every N steps (one pass over the
+    # cached training set; before the first, and for streamed data, lexical neighbours); 0: lexical only
     grad_accum: int = 1  # micro-batches per optimizer step (each micro-batch is its own contrastive batch)
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or fp32, bf16, fp16
     grad_checkpointing: bool = False  # recompute tower activations in backward: less memory, ~30% slower
@@ -137,9 +139,9 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] = ())
         raise UserError("objectives: enable at least one of itc, itm")
     if cfg.objectives.itm and not cfg.objectives.itc:
         raise UserError("objectives.itm needs itc: ITM mines its negatives from the contrastive similarities")
-    if not 0 <= cfg.hard_batches < 1 or cfg.neighbours < 1:
+    if not 0 <= cfg.hard_batches < 1 or cfg.neighbours < 1 or cfg.mine_every < 0:
         raise UserError(
-            f"hard_batches={cfg.hard_batches}, neighbours={cfg.neighbours}: need 0 <= hard_batches < 1 and "
-            "neighbours >= 1"
+            f"hard_batches={cfg.hard_batches}, neighbours={cfg.neighbours}, mine_every={cfg.mine_every}: need "
+            "0 <= hard_batches < 1, neighbours >= 1 and mine_every >= 0"
         )
     return cfg

@@ -101,10 +101,9 @@ class BatchPlan:
         self.batch, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self.n_near = round(mix * batch_size) if neighbours is not None else 0
         self.n_seed = batch_size - self.n_near
+        self.valid = valid
         if neighbours is not None:
-            near = neighbours.masked_fill((neighbours < 0) | ~valid[neighbours.clamp(min=0)], -1)  # (N, k)
-            order = (near < 0).to(torch.int8).argsort(dim=1, stable=True)  # usable ones first, in rank order
-            self.neighbours = near.gather(1, order)  # (N, k)
+            self.set_neighbours(neighbours)
         self.per_epoch = len(self.indices) // (self.n_seed * world)
         if self.per_epoch == 0:
             raise UserError(
@@ -112,6 +111,12 @@ class BatchPlan:
                 " lower batch_size (--set batch_size=N)"
             )
         self._epoch, self._perm = -1, None
+
+    def set_neighbours(self, neighbours: torch.Tensor) -> None:
+        """(N, k) candidate indices, -1 for none (re-mined during training); undecodable ones are dropped."""
+        near = neighbours.masked_fill((neighbours < 0) | ~self.valid[neighbours.clamp(min=0)], -1)  # (N, k)
+        order = (near < 0).to(torch.int8).argsort(dim=1, stable=True)  # usable ones first, in rank order
+        self.neighbours = near.gather(1, order)  # (N, k)
 
     def __call__(self, micro_step: int) -> torch.Tensor:
         epoch, j = divmod(micro_step, self.per_epoch)

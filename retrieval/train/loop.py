@@ -33,7 +33,7 @@ from retrieval.models.checkpoint import load_dual_encoder, save_checkpoint
 from retrieval.models.encoders import autocast_dtype, create_clip, resolve_device
 from retrieval.train.config import TrainConfig
 from retrieval.train.data import BatchPlan, PairImages, TrainData, describe_skips, load_pairs, normalize
-from retrieval.train.neighbours import caption_neighbours
+from retrieval.train.neighbours import caption_neighbours, mined_neighbours
 from retrieval.train.tasks import ItcItmTask
 
 RESUME = "resume"
@@ -88,7 +88,7 @@ def lr_lambda(cfg: TrainConfig):
     return f
 
 
-def _save_resume(out: Path, task: ItcItmTask, opt, sched, step: int) -> None:
+def _save_resume(out: Path, task: ItcItmTask, opt, sched, step: int, data_state: dict[str, Any]) -> None:
     state_dir = out / RESUME
     state_dir.mkdir(parents=True, exist_ok=True)
     tmp = state_dir / ".task.safetensors.tmp"
@@ -99,16 +99,17 @@ def _save_resume(out: Path, task: ItcItmTask, opt, sched, step: int) -> None:
         "scheduler": sched.state_dict(),
         "torch_rng": torch.get_rng_state(),
         "sampler_rng": task.sampler.get_state(),
+        **data_state,  # e.g. the mined neighbour table, a function of a model state the resumed run lacks
     }
     torch.save(state, state_dir / ".state.pt.tmp")
     os.replace(tmp, state_dir / "task.safetensors")
     os.replace(state_dir / ".state.pt.tmp", state_dir / "state.pt")  # last: its step names a complete state
 
 
-def _load_resume(out: Path, task: ItcItmTask, opt, sched) -> int:
+def _load_resume(out: Path, task: ItcItmTask, opt, sched) -> tuple[int, dict[str, Any]]:
     state_dir = out / RESUME
     if not (state_dir / "state.pt").exists():
-        return 0
+        return 0, {}
     missing, unexpected = task.load_state_dict(load_file(str(state_dir / "task.safetensors")), strict=False)
     if missing or unexpected:
         raise UserError(
@@ -119,7 +120,7 @@ def _load_resume(out: Path, task: ItcItmTask, opt, sched) -> int:
     sched.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     task.sampler.set_state(state["sampler_rng"])
-    return int(state["step"])
+    return int(state["step"]), state
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -171,7 +172,21 @@ def train(
         param_groups(task, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    start = _load_resume(out, task, opt, sched) if resume else 0
+    start, state = _load_resume(out, task, opt, sched) if resume else (0, {})
+    mine = cfg.hard_batches > 0 and cfg.mine_every > 0 and images.cache is not None
+    if "neighbours" in state:
+        plan.set_neighbours(state["neighbours"])
+
+    def remine() -> None:
+        def to_input(pixels: torch.Tensor) -> torch.Tensor:
+            return normalize(pixels, preprocess["mean"], preprocess["std"], device)
+
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            near = mined_neighbours(
+                model.clip, images.cache, images.valid, data.tokens, data.ids, to_input, cfg.neighbours
+            )
+        plan.set_neighbours(near)
+
     engine = (
         torch.nn.parallel.DistributedDataParallel(
             task, broadcast_buffers=False, find_unused_parameters=not cfg.objectives.itm
@@ -202,7 +217,7 @@ def train(
             "fusion": dataclasses.asdict(model.fusion_cfg),
         }
         save_checkpoint(out, arch, task.components(), extra=extra)
-        _save_resume(out, task, opt, sched, step)
+        _save_resume(out, task, opt, sched, step, {"neighbours": plan.neighbours} if mine else {})
 
     bar = tqdm(
         total=cfg.steps, initial=start, unit="step", file=sys.stderr, disable=not (progress and rank == 0)
@@ -211,6 +226,8 @@ def train(
     step = start
     last = min(cfg.steps, stop_after) if stop_after else cfg.steps
     for step in range(start + 1, last + 1):
+        if mine and step > 1 and (step - 1) % cfg.mine_every == 0:
+            remine()  # every rank mines the same table from the same weights
         task.train()
         for micro in range(cfg.grad_accum):
             batch = data.batch((step - 1) * cfg.grad_accum + micro)

@@ -89,3 +89,53 @@ def caption_ids(captions: list[str]) -> torch.Tensor:
     """(N,) ids, equal for captions equal up to case and spacing: such pairs are each other's positives."""
     index: dict[str, int] = {}
     return torch.tensor([index.setdefault(" ".join(c.lower().split()), len(index)) for c in captions])
+
+
+@torch.no_grad()
+def mined_neighbours(
+    clip: torch.nn.Module,
+    pixels: torch.Tensor,
+    valid: torch.Tensor,
+    tokens: torch.Tensor,
+    ids: torch.Tensor,
+    normalize,
+    k: int = 16,
+    batch: int = 256,
+) -> torch.Tensor:
+    """(N, k): for each pair's caption, the pairs whose images the model now scores highest for it, other than
+    its positives (equal captions) and undecodable images; -1 where there are fewer.
+
+    Lexical neighbours find captions one word apart; they cannot know which differences the model still gets
+    wrong ("above" vs "to the left of" is many words apart, yet a young model confuses those scenes most). This
+    asks the model, as ANCE does for text retrieval: one forward pass over the training images and captions.
+    pixels (N, 3, S, S) uint8, tokens (N, L), ids (N,); normalize(uint8 batch) -> model input on its device.
+    """
+    n = len(ids)
+    was_training = clip.training
+    clip.eval()
+    try:
+        image_feat = torch.cat(
+            [
+                clip.encode_image(normalize(pixels[s : s + batch]), normalize=True).float().cpu()
+                for s in range(0, n, batch)
+            ]
+        )  # (N, D)
+        device = next(clip.parameters()).device
+        text_feat = torch.cat(
+            [
+                clip.encode_text(tokens[s : s + batch].to(device), normalize=True).float().cpu()
+                for s in range(0, n, batch)
+            ]
+        )  # (N, D)
+    finally:
+        clip.train(was_training)
+    out = torch.full((n, k), -1, dtype=torch.long)
+    kk = min(k, n - 1)
+    rows = max(1, min(1024, 50_000_000 // n))  # bounded (rows, N) similarity block
+    for q in range(0, n, rows):
+        sims = text_feat[q : q + rows] @ image_feat.T  # (Q, N)
+        sims[(ids[q : q + rows, None] == ids[None, :]) | ~valid[None, :]] = -math.inf
+        top = sims.topk(kk, dim=1)  # (Q, kk)
+        found = top.indices.masked_fill(top.values == -math.inf, -1)
+        out[q : q + rows, :kk] = found
+    return out

@@ -150,7 +150,9 @@ def test_text_tower_on_trimmed_padding_gives_the_full_length_outputs() -> None:
     from retrieval.models.encoders import create_clip
 
     clip = create_clip("test-micro", "none")[0].eval()
-    text = open_clip.get_tokenizer("test-micro")(["a red circle", "a small blue square above a large red cross"])
+    text = open_clip.get_tokenizer("test-micro")(
+        ["a red circle", "a small blue square above a large red cross"]
+    )
     full_pooled, full_tokens = encode_text_tokens(clip, text)
     pooled, tokens = encode_text_tokens(clip, text, trim=True)
     longest = int((text != PAD_ID).sum(1).max())
