@@ -5,13 +5,13 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${1:-demo}
-STEPS=${STEPS:-800}
+STEPS=${STEPS:-}   # empty: the default of `retrieval train` (the preset acceptance measures)
 python3 -m pip install -q -e ".[dev]"
 
 rm -rf "$OUT"
 retrieval data synth "$OUT/scenes" -n 6000 --seed 0
-retrieval train "$OUT/scenes/train.jsonl" --out "$OUT/model" \
-  --set steps="$STEPS" --set eval_pairs="$OUT/scenes/heldout.jsonl" --set eval_every=200
+retrieval train "$OUT/scenes/train.jsonl" --out "$OUT/model" ${STEPS:+--set steps="$STEPS"} \
+  --set eval_pairs="$OUT/scenes/heldout.jsonl" --set eval_every=250
 retrieval index "$OUT/scenes/images/heldout" --db "$OUT/collection" --checkpoint "$OUT/model"
 for q in "a large red circle" "a small green square above a large blue circle" "a yellow cross - small"; do
   echo "== $q"

@@ -259,7 +259,8 @@ class _PairScorer:
             # Columns padded in every row change nothing (padded keys are masked, ITM reads token 0)
             length = int(mask.any(dim=0).nonzero().max()) + 1
             tokens = self.texts.tokens[t, :length]  # (B, length, Wt)
-            probs = itm_match_prob(self.model, tokens, mask[:, :length], self.images.tokens[i])  # (B,)
+            images, index = torch.unique(i, return_inverse=True)  # each image's keys/values projected once
+            probs = itm_match_prob(self.model, tokens, mask[:, :length], self.images.tokens[images], index)
             out.append(probs.float().cpu())
         return torch.cat(out)[by_length.argsort()]  # (P,) back in the order asked for
 

@@ -69,8 +69,10 @@ def soft_targets(row_ids: Tensor, col_ids: Tensor) -> Tensor:
 
 
 def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean over rows of -sum(targets * log_softmax(logits)); float32 so bf16 logits don't lose the loss."""
-    return -(targets * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
+    """Mean over rows of -sum(targets * log_softmax(logits)); float32 so bf16 logits don't lose the loss.
+    Columns at -inf (masked out) must have zero target; they contribute nothing rather than 0 * inf = NaN."""
+    logp = F.log_softmax(logits.float(), dim=1)
+    return -(targets * logp.masked_fill(targets == 0, 0.0)).sum(dim=1).mean()
 
 
 def clip_loss(
@@ -80,6 +82,8 @@ def clip_loss(
     *,
     gather: bool = True,
     image_ids: Tensor | None = None,
+    negative_text: Tensor | None = None,
+    negative_valid: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Symmetric InfoNCE on L2-normalised features.
 
@@ -87,6 +91,8 @@ def clip_loss(
     learnable temperature. gather: contrast against the global batch across ranks. image_ids: optional (B,)
     ids; rows sharing an id (the same image, or a repeated synthetic caption) are all positives for each other,
     with the target probability spread evenly over them (ALBEF's idx targets); without ids, the diagonal.
+    negative_text: optional (B, D) features of extra false captions (NegCLIP): every image is also contrasted
+    against them (image-to-text only; they are nobody's positive); negative_valid (B,) bool drops some.
 
     Returns {"itc": loss, "sim_i2t": (B, B_global), "sim_t2i": (B, B_global)}; the sims are the detached,
     temperature-scaled logits of the local rows, ready for `mining.sample_negatives` (use `local_block` to
@@ -100,6 +106,12 @@ def clip_loss(
     image_features = F.normalize(image_features, dim=-1)  # (B, D)
     text_features = F.normalize(text_features, dim=-1)  # (B, D)
     b = image_features.shape[0]
+    if negative_text is not None:
+        negative_text = F.normalize(negative_text, dim=-1)  # (B, D)
+        if negative_text.shape != text_features.shape:
+            raise ValueError(f"negative_text must be (B, D) like the text; got {tuple(negative_text.shape)}")
+        if negative_valid is None:
+            negative_valid = torch.ones(b, dtype=torch.bool, device=negative_text.device)
     offset = 0
     if gather:
         rank, world = _world()
@@ -107,17 +119,25 @@ def clip_loss(
         image_features, text_features = gather_features(image_features, text_features)  # (Bg, D)
         if image_ids is not None:
             image_ids = gather_ids(image_ids)  # (Bg,)
+        if negative_text is not None and world > 1:
+            negative_text, negative_valid = _all_gather(negative_text, True), gather_ids(negative_valid)
 
     # The full global logit matrix on every rank: each local slice then gets the exact global gradient.
     logits_per_image = logit_scale * image_features @ text_features.T  # (Bg, Bg)
     logits_per_text = logits_per_image.T  # (Bg, Bg)
+    bg = logits_per_image.shape[0]
+    i2t = logits_per_image
+    if negative_text is not None:
+        extra = logit_scale * image_features @ negative_text.T  # (Bg, Bg), all negatives
+        extra = extra.masked_fill(~negative_valid.view(1, -1), float("-inf"))
+        i2t = torch.cat([logits_per_image, extra], dim=1)  # (Bg, 2 Bg)
     if image_ids is None:
-        labels = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)  # (Bg,)
-        loss_i2t = F.cross_entropy(logits_per_image.float(), labels)
+        labels = torch.arange(bg, device=logits_per_image.device)  # (Bg,)
+        loss_i2t = F.cross_entropy(i2t.float(), labels)
         loss_t2i = F.cross_entropy(logits_per_text.float(), labels)
     else:
         targets = soft_targets(image_ids, image_ids)  # (Bg, Bg), symmetric
-        loss_i2t = soft_cross_entropy(logits_per_image, targets)
+        loss_i2t = soft_cross_entropy(i2t, F.pad(targets, (0, i2t.shape[1] - bg)))
         loss_t2i = soft_cross_entropy(logits_per_text, targets)
     return {
         "itc": (loss_i2t + loss_t2i) / 2,

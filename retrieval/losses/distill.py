@@ -91,6 +91,9 @@ def distilled_clip_loss(
     logit_scale: Tensor,
     alpha: float,
     image_ids: Tensor | None = None,
+    negative_text: Tensor | None = None,
+    m_negative_text: Tensor | None = None,
+    negative_valid: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """ALBEF ITC with momentum distillation.
 
@@ -98,6 +101,8 @@ def distilled_clip_loss(
     against the image counterpart. Targets = alpha * softmax(momentum model's sims) + (1 - alpha) * hard targets,
     where hard targets spread over every column sharing the row's id (batch ids + queued ids) when image_ids
     (non-negative, (B,)) is given, else the diagonal of the batch block. All features are L2-normalised here.
+    negative_text / m_negative_text: optional (B, D) features of generated false captions (model / momentum
+    model), extra image-to-text columns as in `contrastive.clip_loss`; negative_valid (B,) bool drops some.
 
     Returns {"itc": loss, "sim_i2t": (B, B), "sim_t2i": (B, B)}: detached, temperature-scaled in-batch sims
     (the ones ALBEF mines ITM negatives from).
@@ -121,12 +126,25 @@ def distilled_clip_loss(
         scale = logit_scale.detach()
         m_sim_i2t = scale * image_all[:b] @ text_all.T  # (B, B + Q)
         m_sim_t2i = scale * text_all[:b] @ image_all.T  # (B, B + Q)
-        targets_i2t = alpha * F.softmax(m_sim_i2t.float(), dim=1) + (1 - alpha) * hard  # (B, B + Q)
+        if negative_text is not None:
+            if m_negative_text is None:
+                raise ValueError("negative_text needs m_negative_text, the momentum model's features of them")
+            if negative_valid is None:
+                negative_valid = torch.ones(b, dtype=torch.bool, device=image_feat.device)
+            masked = ~negative_valid.view(1, -1)  # (1, B)
+            m_extra = scale * image_all[:b] @ F.normalize(m_negative_text, dim=-1).T  # (B, B)
+            m_sim_i2t = torch.cat([m_sim_i2t, m_extra.masked_fill(masked, float("-inf"))], dim=1)
+        targets_i2t = alpha * F.softmax(m_sim_i2t.float(), dim=1)  # (B, B + Q [+ B])
+        targets_i2t = targets_i2t + (1 - alpha) * F.pad(hard, (0, m_sim_i2t.shape[1] - hard.shape[1]))
         targets_t2i = alpha * F.softmax(m_sim_t2i.float(), dim=1) + (1 - alpha) * hard  # (B, B + Q)
 
     sim_i2t = logit_scale * image_feat @ text_all.T  # (B, B + Q)
     sim_t2i = logit_scale * text_feat @ image_all.T  # (B, B + Q)
-    loss = (soft_cross_entropy(sim_i2t, targets_i2t) + soft_cross_entropy(sim_t2i, targets_t2i)) / 2
+    i2t = sim_i2t
+    if negative_text is not None:
+        extra = logit_scale * image_feat @ F.normalize(negative_text, dim=-1).T  # (B, B)
+        i2t = torch.cat([sim_i2t, extra.masked_fill(masked, float("-inf"))], dim=1)  # (B, B + Q + B)
+    loss = (soft_cross_entropy(i2t, targets_i2t) + soft_cross_entropy(sim_t2i, targets_t2i)) / 2
     return {
         "itc": loss,
         "sim_i2t": sim_i2t[:, :b].detach(),  # (B, B)

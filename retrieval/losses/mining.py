@@ -20,6 +20,7 @@ def sample_negatives(
     positive_mask: Tensor,
     *,
     hard: bool = True,
+    uniform: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """One negative candidate per query row, never a positive.
@@ -27,7 +28,9 @@ def sample_negatives(
     sim: (B, N) similarity of each query to each candidate (ALBEF passes the temperature-scaled logits, so the
     sharpness of the sampling follows the learned temperature). positive_mask: (B, N) bool, True where the
     candidate is a positive for the query. hard=True samples proportionally to softmax(sim) over the
-    non-positives; hard=False samples uniformly over them. `generator` must live on sim's device.
+    non-positives; hard=False samples uniformly over them. uniform in [0, 1] mixes the two: with hard=True,
+    p = (1 - uniform) * softmax + uniform * uniform-over-negatives (a floor of easy negatives, so a fusion
+    encoder learning from scratch sees pairs it can tell apart). `generator` must live on sim's device.
     Returns (B,) long column indices.
     """
     if sim.dim() != 2 or sim.shape != positive_mask.shape:
@@ -44,7 +47,15 @@ def sample_negatives(
             f"no negative candidate for row(s) {shown}: every candidate is a positive "
             "(a batch of one, or a batch whose items all share one id, has nothing to contrast against)"
         )
-    weights = _softmax_weights(sim, allowed) if hard else allowed.float()  # (B, N), rows need not sum to 1
+    if not 0.0 <= uniform <= 1.0:
+        raise ValueError(f"uniform must be in [0, 1], got {uniform}")
+    flat = allowed.float() / allowed.sum(dim=1, keepdim=True)  # (B, N), rows sum to 1
+    if not hard or uniform == 1.0:
+        weights = flat
+    else:
+        soft = _softmax_weights(sim, allowed)  # (B, N)
+        weights = (1 - uniform) * soft / soft.sum(dim=1, keepdim=True) + uniform * flat
+    # multinomial takes unnormalised rows
     return torch.multinomial(weights, 1, generator=generator).squeeze(1)  # (B,)
 
 

@@ -25,6 +25,9 @@ class Encoded:
     image_tokens: Tensor  # (B, N, Wv) patch tokens (+ class token) after the final norm
     text_tokens: Tensor  # (B, L', Wt) token states after ln_final, trailing all-padding columns dropped
     text_mask: Tensor  # (B, L') bool, True for real tokens
+    negative_feat: Tensor | None = None  # (B, D) L2-normalised features of generated false captions
+    negative_tokens: Tensor | None = None  # (B, L', Wt) their token states
+    negative_mask: Tensor | None = None  # (B, L') bool
 
 
 def encode_image_tokens(clip: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
@@ -86,19 +89,27 @@ class AlbefModel(nn.Module):
     def logit_scale(self) -> nn.Parameter:
         return self.clip.logit_scale
 
-    def encode(self, images: Tensor, text: Tensor) -> Encoded:
+    def encode(self, images: Tensor, text: Tensor, negative_text: Tensor | None = None) -> Encoded:
+        """negative_text (B, L): generated false captions, encoded in the same text pass (one trimmed length)."""
+        b = text.shape[0]
         image_feat, image_tokens = encode_image_tokens(self.clip, images)
-        text_feat, text_tokens = encode_text_tokens(self.clip, text, trim=True)  # (B, D), (B, L', Wt)
-        return Encoded(
-            F.normalize(image_feat, dim=-1),
-            F.normalize(text_feat, dim=-1),
-            image_tokens,
-            text_tokens,
-            text[:, : text_tokens.shape[1]] != PAD_ID,
-        )
+        all_text = text if negative_text is None else torch.cat([text, negative_text])  # (B or 2B, L)
+        text_feat, text_tokens = encode_text_tokens(self.clip, all_text, trim=True)  # (., D), (., L', Wt)
+        text_feat = F.normalize(text_feat, dim=-1)
+        mask = all_text[:, : text_tokens.shape[1]] != PAD_ID  # (., L')
+        enc = Encoded(F.normalize(image_feat, dim=-1), text_feat[:b], image_tokens, text_tokens[:b], mask[:b])
+        if negative_text is not None:
+            enc.negative_feat, enc.negative_tokens, enc.negative_mask = (
+                text_feat[b:],
+                text_tokens[b:],
+                mask[b:],
+            )
+        return enc
 
-    def itm_logits(self, text_tokens: Tensor, text_mask: Tensor, image_tokens: Tensor) -> Tensor:
-        return self.fusion.itm_logits(text_tokens, text_mask, image_tokens)  # (B, 2)
+    def itm_logits(
+        self, text_tokens: Tensor, text_mask: Tensor, image_tokens: Tensor, image_index: Tensor | None = None
+    ) -> Tensor:
+        return self.fusion.itm_logits(text_tokens, text_mask, image_tokens, image_index)  # (B, 2)
 
     def momentum_copy(self) -> AlbefModel:
         """A frozen EMA twin for momentum distillation (ALBEF)."""
@@ -109,9 +120,16 @@ class AlbefModel(nn.Module):
 
 
 @torch.no_grad()
-def itm_match_prob(model: AlbefModel, text_tokens: Tensor, text_mask: Tensor, image_tokens: Tensor) -> Tensor:
-    """(B,) probability that text i matches image i, the score ITM re-ranking sorts by."""
-    return model.itm_logits(text_tokens, text_mask, image_tokens).float().softmax(-1)[:, 1]
+def itm_match_prob(
+    model: AlbefModel,
+    text_tokens: Tensor,
+    text_mask: Tensor,
+    image_tokens: Tensor,
+    image_index: Tensor | None = None,
+) -> Tensor:
+    """(B,) probability that text i matches image i (image image_index[i] when given), the score ITM
+    re-ranking sorts by."""
+    return model.itm_logits(text_tokens, text_mask, image_tokens, image_index).float().softmax(-1)[:, 1]
 
 
 def load_albef(directory) -> tuple[AlbefModel, str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,7 +71,12 @@ def create_clip(arch: str, pretrained: str = "none", seed: int = 0) -> tuple[tor
         # fork_rng: seeding must not leak into the caller's random state
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = open_clip.create_model(arch, pretrained=None)
+            previous = logging.root.manager.disable
+            logging.disable(logging.WARNING)  # open_clip warns "no pretrained weights": random init is the point
+            try:
+                model = open_clip.create_model(arch, pretrained=None)
+            finally:
+                logging.disable(previous)
         return model, f"random-init:seed={seed}"
     if os.path.isfile(pretrained):
         try:

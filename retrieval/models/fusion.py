@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from retrieval.losses.matching import itm_loss
@@ -24,6 +25,11 @@ class FusionConfig:
     dropout: float = 0.0  # attention and residual branches; 0: towers come pretrained, fusion data is small
     text_width: int = 512  # width of the incoming text token states (set by the caller from the text tower)
     image_width: int = 768  # width of the incoming image patch-token states (from the vision tower)
+    readout: str = (
+        "last"  # token ITM reads: "last" real one (EOT), the only one a causal text tower (OpenCLIP)
+    )
+    # has fed the whole caption (position 0 is the same for every caption there and left ITM stuck at the class
+    # prior for half a run); "first" ([CLS]) for a bidirectional text encoder
 
 
 class _FusionLayer(nn.Module):
@@ -41,12 +47,48 @@ class _FusionLayer(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(w, hidden), nn.GELU(), nn.Linear(hidden, w))
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, key_padding: Tensor, image: Tensor) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        key_padding: Tensor,
+        image: Tensor,
+        image_index: Tensor | None,
+        only: Tensor | None = None,
+    ) -> Tensor:
+        """only (B,) long: compute just that position's output per row (B, 1, W), every token still a key:
+        exact, and the last layer of an ITM pass needs nothing else (it is ~45% of the fusion's cost)."""
         h = self.ln_self(x)  # (B, L, W)
-        x = x + self.drop(self.self_attn(h, h, h, key_padding_mask=key_padding, need_weights=False)[0])
-        h = self.ln_cross(x)  # (B, L, W)
-        x = x + self.drop(self.cross_attn(h, image, image, need_weights=False)[0])  # (B, L, W)
+        q = h
+        if only is not None:
+            rows = torch.arange(x.shape[0], device=x.device)
+            x, q = x[rows, only].unsqueeze(1), h[rows, only].unsqueeze(1)  # (B, 1, W)
+        x = x + self.drop(self.self_attn(q, h, h, key_padding_mask=key_padding, need_weights=False)[0])
+        h = self.ln_cross(x)  # (B, L or 1, W)
+        x = x + self.drop(self._cross(h, image, image_index))  # (B, L, W)
         return x + self.drop(self.mlp(self.ln_mlp(x)))  # (B, L, W)
+
+    def _cross(self, h: Tensor, image: Tensor, image_index: Tensor | None) -> Tensor:
+        """Cross-attention with the keys and values projected once per distinct image, then gathered per row:
+        ITM scores every image against several texts, and projecting the copies was a third of the vision
+        tower's cost. Same weights and result as nn.MultiheadAttention(h, image[index], image[index])."""
+        attn = self.cross_attn
+        b, length, w = h.shape
+        heads = attn.num_heads
+        wq, wk, wv = attn.in_proj_weight.chunk(3)  # (W, W) each
+        bq, bk, bv = attn.in_proj_bias.chunk(3)  # (W,) each
+        k, v = F.linear(image, wk, bk), F.linear(image, wv, bv)  # (M, N, W)
+        if image_index is not None:
+            k, v = k[image_index], v[image_index]  # (B, N, W)
+        q = F.linear(h, wq, bq)  # (B, L, W)
+
+        def split(t: Tensor) -> Tensor:
+            return t.unflatten(-1, (heads, w // heads)).transpose(1, 2)  # (B, H, ., W / H)
+
+        dropout = attn.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(
+            split(q), split(k), split(v), dropout_p=dropout
+        )  # (B, H, L, W/H)
+        return attn.out_proj(out.transpose(1, 2).reshape(b, length, w))  # (B, L, W)
 
 
 class FusionEncoder(nn.Module):
@@ -61,24 +103,50 @@ class FusionEncoder(nn.Module):
         self.ln_out = nn.LayerNorm(cfg.width)
         self.itm_head = nn.Linear(cfg.width, 2)
 
-    def forward(self, text_tokens: Tensor, text_mask: Tensor, image_tokens: Tensor) -> Tensor:
+    def forward(
+        self,
+        text_tokens: Tensor,
+        text_mask: Tensor,
+        image_tokens: Tensor,
+        image_index: Tensor | None = None,
+        only: Tensor | None = None,
+    ) -> Tensor:
         """text_tokens (B, L, text_width), text_mask (B, L) bool True = real token, image_tokens
-        (B, N, image_width) -> (B, L, width). Padded positions come out as zeros."""
-        self._check(text_tokens, text_mask, image_tokens)
+        (B, N, image_width) -> (B, L, width). Padded positions come out as zeros. With image_index (B,) long,
+        image_tokens holds M distinct images (M, N, image_width) and text row i attends to image_index[i].
+        only (B,) long: the last layer computes that position of each row alone; the result is (B, 1, width)."""
+        self._check(text_tokens, text_mask, image_tokens, image_index)
         key_padding = ~text_mask  # (B, L), MultiheadAttention's convention: True = ignore
         x = self.text_proj(text_tokens)  # (B, L, W)
-        image = self.ln_image(self.image_proj(image_tokens))  # (B, N, W)
-        for block in self.blocks:
-            x = block(x, key_padding, image)  # (B, L, W)
-        x = self.ln_out(x)  # (B, L, W)
+        image = self.ln_image(self.image_proj(image_tokens))  # (B or M, N, W)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            x = block(x, key_padding, image, image_index, only if i == last else None)  # (B, L or 1, W)
+        x = self.ln_out(x)  # (B, L or 1, W)
+        if only is not None:
+            return x  # (B, 1, W): real positions only
         # Padded queries still produce values; zero them so nothing downstream can read them by accident.
         return x.masked_fill(key_padding.unsqueeze(-1), 0.0)  # (B, L, W)
 
-    def itm_logits(self, text_tokens: Tensor, text_mask: Tensor, image_tokens: Tensor) -> Tensor:
-        """(B, 2) match logits (class 1 = match) from the first text token ([CLS]/BOS)."""
-        return self.itm_head(self(text_tokens, text_mask, image_tokens)[:, 0])  # (B, 2)
+    def itm_logits(
+        self, text_tokens: Tensor, text_mask: Tensor, image_tokens: Tensor, image_index: Tensor | None = None
+    ) -> Tensor:
+        """(B, 2) match logits (class 1 = match) from the readout token (cfg.readout: the last real one, or the
+        first); the same as itm_head(forward(...)[rows, position]), the last layer computing that row alone."""
+        position = self.readout_position(text_mask)  # (B,)
+        x = self(text_tokens, text_mask, image_tokens, image_index, only=position)  # (B, 1, W)
+        return self.itm_head(x[:, 0])  # (B, 2)
 
-    def _check(self, text_tokens: Tensor, text_mask: Tensor, image_tokens: Tensor) -> None:
+    def readout_position(self, text_mask: Tensor) -> Tensor:
+        """(B,) long: the position ITM reads in each row (texts are right-padded, so the last real one is at
+        count - 1)."""
+        if self.cfg.readout == "first":
+            return torch.zeros(text_mask.shape[0], dtype=torch.long, device=text_mask.device)
+        return text_mask.sum(dim=1) - 1  # (B,)
+
+    def _check(
+        self, text_tokens: Tensor, text_mask: Tensor, image_tokens: Tensor, image_index: Tensor | None
+    ) -> None:
         b, length, tw = text_tokens.shape
         if (
             tw != self.cfg.text_width
@@ -89,14 +157,29 @@ class FusionEncoder(nn.Module):
                 f"fusion expects text (B, L, {self.cfg.text_width}) and image (B, N, {self.cfg.image_width}) "
                 f"tokens; got {tuple(text_tokens.shape)} and {tuple(image_tokens.shape)}"
             )
-        if image_tokens.shape[0] != b or text_mask.shape != (b, length) or text_mask.dtype != torch.bool:
+        n_images = b if image_index is None else image_tokens.shape[0]
+        if image_index is not None and (
+            image_index.shape != (b,)
+            or (len(image_index) and not 0 <= int(image_index.min()) <= int(image_index.max()) < n_images)
+        ):
+            raise ValueError(
+                f"image_index must be ({b},) indices into {n_images} images; got {tuple(image_index.shape)}"
+            )
+        if (
+            image_tokens.shape[0] != n_images
+            or text_mask.shape != (b, length)
+            or text_mask.dtype != torch.bool
+        ):
             raise ValueError(
                 f"text_mask must be bool ({b}, {length}) and image_tokens batch {b}; got mask "
                 f"{tuple(text_mask.shape)} {text_mask.dtype}, image batch {image_tokens.shape[0]}"
             )
         # The ITM head reads position 0; a padded first token means left padding or an empty text.
-        if not bool(text_mask[:, 0].all()):
-            raise ValueError("text_mask[:, 0] must be True: the first token ([CLS]/BOS) feeds the ITM head")
+        if not bool(text_mask[:, 0].all()) or bool((text_mask[:, 1:] & ~text_mask[:, :-1]).any()):
+            raise ValueError(
+                "text_mask must mark a non-empty prefix of each row (right padding): ITM reads its first or last "
+                "real token"
+            )
 
 
 def build_fusion(cfg: FusionConfig) -> FusionEncoder:
@@ -108,6 +191,8 @@ def build_fusion(cfg: FusionConfig) -> FusionEncoder:
         problems.append(f"width {cfg.width} is not divisible by heads {cfg.heads}")
     if cfg.text_width < 1 or cfg.image_width < 1:
         problems.append(f"text_width and image_width must be >= 1 (got {cfg.text_width}, {cfg.image_width})")
+    if cfg.readout not in ("first", "last"):
+        problems.append(f"readout must be 'first' or 'last' (got {cfg.readout!r})")
     if cfg.mlp_ratio <= 0 or not 0.0 <= cfg.dropout < 1.0:
         problems.append(f"need mlp_ratio > 0 and 0 <= dropout < 1 (got {cfg.mlp_ratio}, {cfg.dropout})")
     if problems:
@@ -125,13 +210,19 @@ def itm_forward(
     positive_mask: Tensor,
     *,
     hard: bool = True,
+    uniform: float = 0.0,
     generator: torch.Generator | None = None,
+    negative_tokens: Tensor | None = None,
+    negative_mask: Tensor | None = None,
+    negative_valid: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """ITM on B positives, B hard-negative texts (one per image) and B hard-negative images (one per text).
 
     Row i of text_tokens / text_mask / image_tokens is a matched pair. sim_i2t, sim_t2i: (B, B) in-batch sims
     (use `contrastive.local_block` on clip_loss's (B, B_global) output). positive_mask: (B, B) bool, True where
     image i and text j are a positive pair (same image id / same caption); the diagonal is always positive.
+    negative_tokens / negative_mask (B, L, Dt) / (B, L): token states of a generated false caption per image
+    (train/negatives.py), one more negative pair (image i, negative i) for each row where negative_valid.
     Returns `matching.itm_loss`'s dict.
     """
     b = text_tokens.shape[0]
@@ -144,11 +235,22 @@ def itm_forward(
     eye = torch.eye(b, dtype=torch.bool, device=positive_mask.device)
     positives = positive_mask | eye  # (B, B): image i, text j
     with torch.no_grad():
-        neg_text = sample_negatives(sim_i2t, positives, hard=hard, generator=generator)  # (B,) per image
-        neg_image = sample_negatives(sim_t2i, positives.T, hard=hard, generator=generator)  # (B,) per text
+        neg_text = sample_negatives(
+            sim_i2t, positives, hard=hard, uniform=uniform, generator=generator
+        )  # (B,) per image
+        neg_image = sample_negatives(
+            sim_t2i, positives.T, hard=hard, uniform=uniform, generator=generator
+        )  # (B,) per text
     # One fused pass over [positives; (image i, negative text); (negative image, text i)].
-    texts = torch.cat([text_tokens, text_tokens[neg_text], text_tokens])  # (3B, L, Dt)
-    masks = torch.cat([text_mask, text_mask[neg_text], text_mask])  # (3B, L)
-    images = torch.cat([image_tokens, image_tokens, image_tokens[neg_image]])  # (3B, N, Di)
-    logits = fusion.itm_logits(texts, masks, images)  # (3B, 2)
+    rows = torch.arange(b, device=text_tokens.device)
+    texts = [text_tokens, text_tokens[neg_text], text_tokens]
+    masks = [text_mask, text_mask[neg_text], text_mask]
+    images = [rows, rows, neg_image]  # which of the B images each row attends to
+    if negative_tokens is not None:
+        keep = rows if negative_valid is None else negative_valid.nonzero().flatten()  # (V,)
+        texts.append(negative_tokens[keep])
+        masks.append(negative_mask[keep])
+        images.append(keep)
+    # (3B [+ V], 2); each image's keys/values are projected once, not once per row
+    logits = fusion.itm_logits(torch.cat(texts), torch.cat(masks), image_tokens, torch.cat(images))
     return itm_loss(logits[:b], logits[b:])

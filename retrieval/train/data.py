@@ -19,6 +19,7 @@ from tqdm import tqdm
 from retrieval.data.images import ImageDecodeError, load_for_model
 from retrieval.data.pairs import Pair, PairStats, iter_pairs
 from retrieval.errors import UserError
+from retrieval.train.negatives import Vocabulary, negative_captions
 from retrieval.train.neighbours import caption_ids
 
 
@@ -29,6 +30,12 @@ class TrainBatch:
     caption_ids: (
         torch.Tensor
     )  # (B,) long: equal captions share an id, so they count as positives of each other
+    negative_tokens: torch.Tensor | None = (
+        None  # (B, L) long: a generated false caption per row (negatives.py)
+    )
+    negative_valid: torch.Tensor | None = (
+        None  # (B,) bool: False where no rule applied (the row repeats its caption)
+    )
 
 
 def load_pairs(source: str | os.PathLike, stats: PairStats | None = None) -> list[Pair]:
@@ -138,10 +145,22 @@ class BatchPlan:
 
 
 class TrainData:
-    def __init__(self, pairs: list[Pair], images: PairImages, tokenizer, plan: BatchPlan):
-        self.images, self.plan = images, plan
-        self.tokens = tokenizer([p.caption for p in pairs])  # (N, L)
-        self.ids = caption_ids([p.caption for p in pairs])  # (N,)
+    """Batches of a plan. With text_negatives, each row also gets a generated false caption, drawn with a
+    generator seeded by (seed, micro-step, rank): a resumed run draws the same negatives."""
+
+    def __init__(
+        self,
+        pairs: list[Pair],
+        images: PairImages,
+        tokenizer,
+        plan: BatchPlan,
+        text_negatives: bool = False,
+    ):
+        self.images, self.plan, self.tokenizer = images, plan, tokenizer
+        self.captions = [p.caption for p in pairs]
+        self.tokens = tokenizer(self.captions)  # (N, L)
+        self.ids = caption_ids(self.captions)  # (N,)
+        self.vocabulary = Vocabulary(self.captions) if text_negatives else None
 
     def batch(self, micro_step: int) -> TrainBatch:
         idx = self.plan(micro_step)
@@ -154,7 +173,13 @@ class TrainData:
                 raise UserError("a whole batch of images failed to decode; check the data")
             pixels = torch.stack([p for _, p in decoded if p is not None])
             idx = torch.tensor(keep)
-        return TrainBatch(pixels, self.tokens[idx], self.ids[idx])
+        batch = TrainBatch(pixels, self.tokens[idx], self.ids[idx])
+        if self.vocabulary is not None:
+            seed = (self.plan.seed * 100_003 + micro_step) * 1_009 + self.plan.rank + 7
+            negatives, valid = negative_captions([self.captions[i] for i in idx], seed, self.vocabulary)
+            batch.negative_tokens = self.tokenizer(negatives)  # (B, L)
+            batch.negative_valid = torch.tensor(valid)  # (B,)
+        return batch
 
     def batches(self, start: int, stop: int) -> Iterator[TrainBatch]:
         for m in range(start, stop):

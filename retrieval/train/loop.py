@@ -65,15 +65,26 @@ def build_model(cfg: TrainConfig) -> tuple[AlbefModel, str]:
     return model, arch
 
 
-def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No decay on gains, biases, embeddings and the temperature (CLIP/open_clip practice)."""
-    decay, no_decay = [], []
+def param_groups(
+    module: torch.nn.Module, weight_decay: float, lr: float, fusion_lr: float | None = None
+) -> list[dict[str, Any]]:
+    """No decay on gains, biases, embeddings and the temperature (CLIP/open_clip practice); the fusion encoder
+    (parameters under a `fusion.` prefix) at its own learning rate when fusion_lr is given."""
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
         skip = p.ndim < 2 or "embedding" in name or "logit_scale" in name or name.endswith("class_embedding")
-        (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fusion = fusion_lr is not None and (name.startswith("fusion.") or ".fusion." in name)
+        groups.setdefault((fusion, skip), []).append(p)
+    return [
+        {
+            "params": params,
+            "weight_decay": 0.0 if skip else weight_decay,
+            "lr": fusion_lr if fusion else lr,
+        }
+        for (fusion, skip), params in sorted(groups.items())
+    ]
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -166,10 +177,12 @@ def train(
     if cfg.hard_batches > 0:
         near = caption_neighbours([p.caption for p in pairs], cfg.neighbours, seed=cfg.seed)  # (N, k)
     plan = BatchPlan(images.valid, cfg.batch_size, cfg.seed, rank, world, near, cfg.hard_batches)
-    data = TrainData(pairs, images, open_clip.get_tokenizer(arch), plan)
+    data = TrainData(pairs, images, open_clip.get_tokenizer(arch), plan, cfg.objectives.text_negatives)
     task = ItcItmTask(model, cfg.objectives, cfg.seed + rank).to(device)
     opt = torch.optim.AdamW(
-        param_groups(task, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas
+        param_groups(task, cfg.optim.weight_decay, cfg.optim.lr, cfg.optim.lr * cfg.optim.fusion_lr_scale),
+        lr=cfg.optim.lr,
+        betas=cfg.optim.betas,
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     start, state = _load_resume(out, task, opt, sched) if resume else (0, {})
@@ -233,7 +246,11 @@ def train(
             batch = data.batch((step - 1) * cfg.grad_accum + micro)
             x = normalize(batch.pixels, preprocess["mean"], preprocess["std"], device)
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                losses = engine(x, batch.tokens.to(device), batch.caption_ids.to(device))
+                negatives = [
+                    t.to(device) if t is not None else None
+                    for t in (batch.negative_tokens, batch.negative_valid)
+                ]
+                losses = engine(x, batch.tokens.to(device), batch.caption_ids.to(device), *negatives)
             (losses["loss"] / cfg.grad_accum).backward()
             for k, v in losses.items():
                 window[k] = window.get(k, 0.0) + float(v.detach()) / cfg.grad_accum

@@ -190,8 +190,9 @@ def test_evaluate_oracle_scores_are_perfect(
         feat = torch.nn.functional.one_hot(ids[:, 1], dim).float()  # (B, dim)
         return feat, feat.unsqueeze(1).expand(-1, 2, -1)  # (B, dim), (B, 2, dim)
 
-    def fake_itm(model, text_tokens, text_mask, image_tokens):
-        return (text_tokens[:, 0] * image_tokens[:, 0]).sum(-1)  # (B,) 1 for the same scene, else 0
+    def fake_itm(model, text_tokens, text_mask, image_tokens, image_index):
+        images = image_tokens[image_index]  # (B, N, W): the image each text row is scored against
+        return (text_tokens[:, 0] * images[:, 0]).sum(-1)  # (B,) 1 for the same scene, else 0
 
     monkeypatch.setattr(evaluate_module, "load_for_model", fake_load)
     monkeypatch.setattr(evaluate_module, "encode_image_tokens", fake_image)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -60,8 +62,14 @@ def test_bad_inputs_and_configs_fail_loudly() -> None:
     text, mask, image = _inputs()
     left_padded = mask.clone()
     left_padded[1, 0] = False
-    with pytest.raises(ValueError, match="first token"):
+    with pytest.raises(ValueError, match="right padding"):
         fusion(text, left_padded, image)
+    gap = mask.clone()
+    gap[1, 2] = False  # a hole inside the text: the last real token would be misplaced
+    with pytest.raises(ValueError, match="right padding"):
+        fusion(text, gap, image)
+    with pytest.raises(ValueError, match="readout"):
+        build_fusion(FusionConfig(readout="mean"))
     with pytest.raises(ValueError, match="text_width|image"):
         fusion(text[..., :8], mask, image)
     with pytest.raises(ValueError, match="divisible"):
@@ -73,9 +81,10 @@ def test_bad_inputs_and_configs_fail_loudly() -> None:
 class _SpyFusion(FusionEncoder):
     """Records which (image, text) pairs it was asked to score."""
 
-    def itm_logits(self, text_tokens, text_mask, image_tokens):
-        self.seen = (text_tokens.detach(), image_tokens.detach())
-        return super().itm_logits(text_tokens, text_mask, image_tokens)
+    def itm_logits(self, text_tokens, text_mask, image_tokens, image_index=None):
+        images = image_tokens if image_index is None else image_tokens[image_index]
+        self.seen = (text_tokens.detach(), images.detach())
+        return super().itm_logits(text_tokens, text_mask, image_tokens, image_index)
 
 
 def test_itm_forward_negatives_respect_positive_mask() -> None:
@@ -160,3 +169,33 @@ def test_text_tower_on_trimmed_padding_gives_the_full_length_outputs() -> None:
     torch.testing.assert_close(pooled, full_pooled)
     torch.testing.assert_close(tokens, full_tokens[:, :longest])
     torch.testing.assert_close(pooled, clip.encode_text(text))  # and both are OpenCLIP's own encode_text
+
+
+def test_shared_image_keys_values_match_per_row_images_and_multihead_attention() -> None:
+    torch.manual_seed(0)
+    fusion = build_fusion(CFG).eval()
+    text, mask, image = _inputs(b=3)
+    index = torch.tensor([2, 0, 0])
+    shared = fusion(text, mask, image, index)  # (3, L, W): keys/values projected once per image
+    copied = fusion(text, mask, image[index])  # the same images, one copy per row
+    assert torch.allclose(shared, copied, atol=1e-5)
+    layer = fusion.blocks[0]
+    h, img = torch.randn(3, 5, CFG.width), torch.randn(3, 4, CFG.width)
+    reference = layer.cross_attn(h, img, img, need_weights=False)[0]
+    assert torch.allclose(layer._cross(h, img, None), reference, atol=1e-5)
+    with pytest.raises(ValueError, match="image_index"):
+        fusion(text, mask, image, torch.tensor([0, 3, 1]))
+
+
+def test_itm_logits_with_a_first_row_only_last_layer_equal_the_full_pass() -> None:
+    torch.manual_seed(1)
+    fusion = build_fusion(CFG).eval()
+    text, mask, image = _inputs(b=3)
+    last = mask.sum(dim=1) - 1  # the default readout: each row's last real token (EOT)
+    full = fusion.itm_head(fusion(text, mask, image)[torch.arange(3), last])  # every position, every layer
+    assert torch.allclose(fusion.itm_logits(text, mask, image), full, atol=1e-5)
+    first = build_fusion(dataclasses.replace(CFG, readout="first")).eval()
+    first.load_state_dict(fusion.state_dict())
+    assert torch.allclose(
+        first.itm_logits(text, mask, image), fusion.itm_head(fusion(text, mask, image)[:, 0]), atol=1e-5
+    )

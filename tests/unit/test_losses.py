@@ -247,6 +247,19 @@ def test_uniform_sampling_is_uniform_over_negatives() -> None:
     assert torch.allclose(freq[1:], torch.full((4,), 0.25), atol=0.01), freq
 
 
+def test_easy_share_mixes_softmax_and_uniform_over_negatives() -> None:
+    row = torch.tensor([6.0, 2.0, 1.0, 0.0, -1.0])
+    n = 40_000
+    sim = row.expand(n, 5)
+    mask = torch.tensor([True, False, False, False, False]).expand(n, 5)
+    idx = sample_negatives(sim, mask, hard=True, uniform=0.5, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(idx, minlength=5).float() / n
+    expected = torch.cat([torch.zeros(1), 0.5 * row[1:].softmax(0) + 0.5 * torch.full((4,), 0.25)])
+    assert torch.allclose(freq, expected, atol=0.01), (freq, expected)
+    with pytest.raises(ValueError, match="uniform"):
+        sample_negatives(sim, mask, uniform=1.5)
+
+
 def test_all_positive_row_raises() -> None:
     mask = torch.zeros(3, 4, dtype=torch.bool)
     mask[1] = True

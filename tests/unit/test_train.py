@@ -55,7 +55,9 @@ def _weights(path):
     }
 
 
-@pytest.mark.parametrize("extra", [[], ["objectives.distill=true", "objectives.queue_size=40"]])
+@pytest.mark.parametrize(
+    "extra", [[], ["objectives.distill=true", "objectives.queue_size=40", "objectives.text_negatives=true"]]
+)
 def test_resume_continues_exactly_where_it_stopped(scenes, tmp_path, extra):
     cfg = load_train_config(None, [*TINY, "steps=6", *extra])
     train(str(scenes / "train.jsonl"), tmp_path / "straight", cfg, progress=False)
@@ -101,3 +103,23 @@ def test_itc_only_checkpoint_has_no_itm_head(scenes, tmp_path):
 
     with pytest.raises(UserError, match="no ITM head"):
         load_albef(tmp_path / "ck")
+
+
+def test_param_groups_give_the_fusion_its_own_rate_and_spare_norms_from_decay():
+    from retrieval.models.albef import AlbefModel
+    from retrieval.models.encoders import create_clip
+    from retrieval.models.fusion import FusionConfig
+    from retrieval.train.loop import param_groups
+
+    clip, _ = create_clip("test-micro", "none")
+    model = AlbefModel(clip, FusionConfig(width=16, layers=1, heads=2))
+    groups = param_groups(model, 0.05, lr=1e-3, fusion_lr=2e-4)
+    fusion_ids = {id(p) for p in model.fusion.parameters()}
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    for g in groups:
+        in_fusion = {id(p) in fusion_ids for p in g["params"]}
+        assert len(in_fusion) == 1  # a group is all fusion or all towers
+        assert g["lr"] == (2e-4 if in_fusion.pop() else 1e-3)
+        if g["weight_decay"]:
+            assert all(p.ndim >= 2 for p in g["params"])  # norms and biases are never decayed
+    assert all(g["lr"] == 1e-3 for g in param_groups(model, 0.05, lr=1e-3))

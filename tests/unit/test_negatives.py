@@ -1,0 +1,141 @@
+"""Generated hard-negative captions: every rule makes a false caption, the vocabulary keeps them in-domain, and
+the losses treat them as negatives only (never a positive, masked rows change nothing)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from retrieval.data.synth import HELDOUT_COMBOS, hard_negative_captions, parse_caption, scene_key
+from retrieval.losses.contrastive import clip_loss
+from retrieval.losses.distill import FeatureQueue, distilled_clip_loss
+from retrieval.models.fusion import FusionConfig, build_fusion, itm_forward
+from retrieval.train.negatives import Vocabulary, candidates, negative_caption, negative_captions
+
+TWO = "a small red circle to the left of a large blue square"
+
+
+def test_rules_cover_binding_and_relations_and_are_all_false() -> None:
+    found = set(candidates(TWO))
+    assert "a small blue circle to the left of a large red square" in found  # colours swapped
+    assert "a large red circle to the left of a small blue square" in found  # sizes swapped
+    assert "a small red square to the left of a large blue circle" in found  # head nouns swapped
+    assert "a large blue square to the left of a small red circle" in found  # phrases swapped: direction
+    assert {
+        "a small red circle to the right of a large blue square",
+        "a small red circle above a large blue square",
+    } <= found
+    # on synth captions the ground truth is known: no candidate may describe the same scene
+    truth = scene_key(*parse_caption(TWO))
+    assert all(scene_key(*parse_caption(c)) != truth for c in found)
+    # and the evaluation's binding negatives are among them (the same kinds of edits, see the README caveat)
+    row = {"objects": parse_caption(TWO)[0], "relation": parse_caption(TWO)[1]}
+    assert set(hard_negative_captions(row)) <= found
+
+
+def test_one_object_changes_an_attribute_and_unknown_captions_get_none() -> None:
+    found = candidates("A Large  green cross")
+    assert "a small green cross" in found and "a large red cross" in found
+    assert "a large green cross" not in found
+    assert candidates("a dog on a beach") == []
+    assert negative_caption("a dog on a beach", random.Random(0)) is None
+
+
+def test_vocabulary_keeps_only_phrases_the_data_has() -> None:
+    train = [TWO, "a small blue circle below a large red triangle", "a large red square"]
+    vocab = Vocabulary(train)
+    allowed = [c for c in candidates(TWO) if vocab.allows(c)]
+    assert (
+        "a small blue circle to the left of a large red square" in allowed
+    )  # "blue circle", "red square" seen
+    assert "a small red circle below a large blue square" in allowed
+    assert not vocab.allows("a small red circle to the left of a large green square")  # "green square" unseen
+
+
+def test_synth_training_negatives_never_name_a_heldout_combination(tmp_path) -> None:
+    from retrieval.data.synth import SynthConfig, generate
+
+    generate(tmp_path, SynthConfig(n=300, seed=3, workers=1), progress=False)
+    captions = [line.split('"caption": "')[1].split('"')[0] for line in (tmp_path / "train.jsonl").open()]
+    negatives, valid = negative_captions(captions, seed=0, vocabulary=Vocabulary(captions))
+    assert sum(valid) >= 0.95 * len(captions)
+    assert all(n != c for n, c, v in zip(negatives, captions, valid, strict=True) if v)
+    assert not any(f"{c} {s}" in n for n in negatives for c, s in HELDOUT_COMBOS)
+    assert negative_captions(captions, 0, Vocabulary(captions)) == (negatives, valid)  # seeded: resumable
+
+
+def test_clip_loss_negative_text_is_a_negative_only() -> None:
+    g = torch.Generator().manual_seed(0)
+    img, txt = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
+    scale = torch.tensor(10.0)
+    plain = clip_loss(img, txt, scale, gather=False)["itc"]
+    # all rows masked: identical to no negatives (t2i untouched, i2t columns at -inf)
+    masked = clip_loss(
+        img, txt, scale, gather=False, negative_text=txt, negative_valid=torch.zeros(4, dtype=torch.bool)
+    )
+    assert masked["itc"].item() == pytest.approx(plain.item(), rel=1e-6)
+    # a negative identical to the true caption halves each image's best probability: loss rises by ~log 2 / 2
+    same = clip_loss(img, txt, scale, gather=False, negative_text=txt)["itc"]
+    assert same.item() > plain.item() + 0.3
+    # negatives orthogonal to every image barely matter, and ids (multi-positive targets) work with them
+    basis = torch.eye(8)
+    aligned = clip_loss(basis[:4], basis[:4], scale, gather=False)["itc"]
+    ids = torch.tensor([0, 1, 2, 3])
+    far = clip_loss(basis[:4], basis[:4], scale, gather=False, negative_text=basis[4:], image_ids=ids)
+    assert far["itc"].item() == pytest.approx(aligned.item(), abs=1e-3)
+    assert far["sim_i2t"].shape == (4, 4)  # the sims ITM mines from stay in-batch
+    feats = img.clone().requires_grad_(True)
+    clip_loss(feats, txt, scale, gather=False, negative_text=txt.flip(0))["itc"].backward()
+    assert torch.isfinite(feats.grad).all()
+
+
+def test_distilled_loss_with_negatives() -> None:
+    g = torch.Generator().manual_seed(1)
+    img, txt = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
+    scale, q = torch.tensor(10.0), FeatureQueue(8, 8)
+    plain = distilled_clip_loss(img, txt, img, txt, q, scale, 0.4)["itc"]
+    none_valid = torch.zeros(4, dtype=torch.bool)
+    masked = distilled_clip_loss(img, txt, img, txt, q, scale, 0.4, None, txt, txt, none_valid)["itc"]
+    assert masked.item() == pytest.approx(plain.item(), rel=1e-6)
+    harder = distilled_clip_loss(img, txt, img, txt, q, scale, 0.4, None, txt, txt)["itc"]
+    assert torch.isfinite(harder) and harder.item() > plain.item()
+    with pytest.raises(ValueError, match="m_negative_text"):
+        distilled_clip_loss(img, txt, img, txt, q, scale, 0.4, None, txt)
+
+
+def test_itm_forward_adds_one_negative_pair_per_valid_row() -> None:
+    cfg = FusionConfig(width=16, layers=1, heads=2, text_width=8, image_width=8)
+    fusion = build_fusion(cfg)
+    seen = {}
+    original = fusion.itm_logits
+
+    def spy(texts, masks, images, index):
+        seen["texts"], seen["images"] = texts, images[index]
+        return original(texts, masks, images, index)
+
+    fusion.itm_logits = spy
+    b = 3
+    text, image = torch.randn(b, 4, 8), torch.randn(b, 5, 8)
+    mask = torch.ones(b, 4, dtype=torch.bool)
+    neg = torch.randn(b, 4, 8)
+    sim, positives = torch.randn(b, b), torch.eye(b, dtype=torch.bool)
+    valid = torch.tensor([True, False, True])
+    out = itm_forward(
+        fusion,
+        text,
+        mask,
+        image,
+        sim,
+        sim,
+        positives,
+        negative_tokens=neg,
+        negative_mask=mask,
+        negative_valid=valid,
+    )
+    assert seen["texts"].shape[0] == 3 * b + 2
+    assert torch.equal(seen["texts"][3 * b :], neg[valid]) and torch.equal(
+        seen["images"][3 * b :], image[valid]
+    )
+    assert torch.isfinite(out["itm"])
