@@ -15,7 +15,9 @@ default `retrieval train` (800 steps, ~15 min) is what the README's figures come
     ),
     (
         "code",
-        """import json, os, subprocess
+        """import json
+import os
+import subprocess
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -32,18 +34,24 @@ def sh(*args):
         raise RuntimeError(done.stderr.strip().splitlines()[-1])
     return done.stdout""",
     ),
-    ("md", "## 1. Generate captioned scenes\nA held-out split shows colour/shape combinations training never sees."),
+    (
+        "md",
+        "## 1. Generate captioned scenes\nA held-out split shows colour/shape combinations training never sees.",
+    ),
     (
         "code",
         """sh("data", "synth", OUT / "scenes", "-n", 3000, "--seed", 0)
 rows = [json.loads(line) for line in open(OUT / "scenes/heldout.jsonl")]
 fig, axes = plt.subplots(1, 6, figsize=(15, 3))
-for ax, row in zip(axes, rows):
+for ax, row in zip(axes, rows, strict=False):
     ax.imshow(Image.open(OUT / "scenes" / row["image"]))
     ax.set_title(row["caption"].replace(" to the", "\\nto the").replace(" above", "\\nabove").replace(" below", "\\nbelow"), fontsize=8)
     ax.axis("off")""",
     ),
-    ("md", "## 2. Train ITC + ITM with hard negatives\nThe tiny preset, evaluated on the held-out split as it trains."),
+    (
+        "md",
+        "## 2. Train ITC + ITM with hard negatives\nThe tiny preset, evaluated on the held-out split as it trains.",
+    ),
     (
         "code",
         """sh("train", OUT / "scenes/train.jsonl", "--out", OUT / "model", "--quiet",
@@ -60,16 +68,22 @@ len(train_rows), len(eval_rows)""",
 fig, axes = plt.subplots(1, 4, figsize=(18, 3.5))
 axes[0].plot(steps, [r["itc"] for r in train_rows], label="ITC")
 axes[0].plot(steps, [r["itm"] for r in train_rows], label="ITM")
-axes[0].set_title("losses"); axes[0].legend()
-axes[1].plot(steps, [r["itm_acc"] for r in train_rows]); axes[1].set_title("ITM accuracy (1 pos : 2 hard neg)")
-axes[2].plot(steps, [r["lr"] for r in train_rows]); axes[2].set_title("learning rate (warmup + cosine)")
-axes[3].plot(steps, [r["temperature"] for r in train_rows]); axes[3].set_title("learned temperature")
+axes[0].set_title("losses")
+axes[0].legend()
+axes[1].plot(steps, [r["itm_acc"] for r in train_rows])
+axes[1].set_title("ITM accuracy (1 positive : 2 negatives)")
+axes[2].plot(steps, [r["lr"] for r in train_rows])
+axes[2].set_title("learning rate (warmup + cosine)")
+axes[3].plot(steps, [r["temperature"] for r in train_rows])
+axes[3].set_title("learned temperature")
 for ax in axes:
     ax.set_xlabel("step")
 plt.figure(figsize=(6, 3.5))
 for key in ("eval.t2i.R@1", "eval.t2i.R@5", "eval.i2t.R@1"):
     plt.plot([r["step"] for r in eval_rows], [r[key] for r in eval_rows], marker="o", label=key[5:])
-plt.title("held-out recall during training"); plt.xlabel("step"); plt.legend();""",
+plt.title("held-out recall during training")
+plt.xlabel("step")
+plt.legend();""",
     ),
     ("md", "## 4. Evaluate: recall both ways, ITM re-ranking of the top 16, attribute binding"),
     (
@@ -84,13 +98,17 @@ plt.title("held-out recall during training"); plt.xlabel("step"); plt.legend();"
 query = "a large red circle to the left of a small blue square"
 hits = json.loads(sh("search", query, "--db", OUT / "collection", "-k", 8, "--json"))
 fig, axes = plt.subplots(1, 8, figsize=(18, 2.8))
-for ax, hit in zip(axes, hits):
-    ax.imshow(Image.open(hit["path"])); ax.set_title(f"{hit['score']:.3f}"); ax.axis("off")
+for ax, hit in zip(axes, hits, strict=False):
+    ax.imshow(Image.open(hit["path"]))
+    ax.set_title(f"{hit['score']:.3f}")
+    ax.axis("off")
 fig.suptitle(query);""",
     ),
 ]
 
 nb = nbf.v4.new_notebook()
-nb.cells = [nbf.v4.new_markdown_cell(src) if kind == "md" else nbf.v4.new_code_cell(src) for kind, src in cells]
+nb.cells = [
+    nbf.v4.new_markdown_cell(src) if kind == "md" else nbf.v4.new_code_cell(src) for kind, src in cells
+]
 nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
 nbf.write(nb, Path(__file__).with_name("demo.ipynb"))

@@ -72,7 +72,9 @@ def create_clip(arch: str, pretrained: str = "none", seed: int = 0) -> tuple[tor
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             previous = logging.root.manager.disable
-            logging.disable(logging.WARNING)  # open_clip warns "no pretrained weights": random init is the point
+            logging.disable(
+                logging.WARNING
+            )  # open_clip warns "no pretrained weights": random init is the point
             try:
                 model = open_clip.create_model(arch, pretrained=None)
             finally:

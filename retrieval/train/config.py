@@ -35,7 +35,9 @@ class ObjectiveConfig:
     easy_share: float = 0.5  # share of ITM's mined negatives drawn uniformly rather than by similarity: a
     # fusion encoder from scratch learns nothing from negatives that differ only in binding and sits at the class
     # prior (measured: frozen trained towers, 120 steps: 0.67 acc with pure ALBEF sampling, 0.81 with this at 0.5)
-    text_negatives: bool = False  # one rule-made false caption per pair (attributes swapped, relation changed;
+    text_negatives: bool = (
+        False  # one rule-made false caption per pair (attributes swapped, relation changed;
+    )
     # train/negatives.py) as an extra ITC and ITM negative (NegCLIP). Off: +25% step time, and in the 15-minute
     # CPU budget it did not pay (t2i R@1 0.347 vs 0.343, binding 0.80 vs 0.82); for longer runs it may
     distill: bool = False  # ALBEF momentum distillation: soft ITC targets from an EMA model + feature queue
