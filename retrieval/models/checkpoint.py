@@ -119,7 +119,9 @@ def load_dual_encoder(directory: str | os.PathLike) -> tuple[torch.nn.Module, st
     config = read_config(directory)
     arch = config["arch"]
     _register_arch(arch, config["model_cfg"])
-    model = open_clip.create_model(arch, pretrained=None)
+    from retrieval.models.encoders import create_untrained  # here: encoders imports this module
+
+    model = create_untrained(arch)
     load_component(directory, DUAL_ENCODER, model)
     weights = f"checkpoint:{file_digest(Path(directory) / config['components'][DUAL_ENCODER])}"
     return model, arch, weights

@@ -64,6 +64,17 @@ def check_arch(arch: str) -> None:
     raise UserError(f"unknown model architecture {arch!r}.{hint}")
 
 
+def create_untrained(arch: str) -> torch.nn.Module:
+    """open_clip.create_model without weights, minus its "no pretrained weights loaded" warning: random init (or
+    weights loaded right after, from a checkpoint) is the point here, and the warning only alarms users."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        return open_clip.create_model(arch, pretrained=None)
+    finally:
+        logging.disable(previous)
+
+
 def create_clip(arch: str, pretrained: str = "none", seed: int = 0) -> tuple[torch.nn.Module, str]:
     """Build an OpenCLIP model on the CPU; returns (model, weights identity for manifests)."""
     check_arch(arch)
@@ -71,14 +82,7 @@ def create_clip(arch: str, pretrained: str = "none", seed: int = 0) -> tuple[tor
         # fork_rng: seeding must not leak into the caller's random state
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            previous = logging.root.manager.disable
-            logging.disable(
-                logging.WARNING
-            )  # open_clip warns "no pretrained weights": random init is the point
-            try:
-                model = open_clip.create_model(arch, pretrained=None)
-            finally:
-                logging.disable(previous)
+            model = create_untrained(arch)
         return model, f"random-init:seed={seed}"
     if os.path.isfile(pretrained):
         try:
