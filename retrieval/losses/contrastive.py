@@ -120,7 +120,8 @@ def clip_loss(
         if image_ids is not None:
             image_ids = gather_ids(image_ids)  # (Bg,)
         if negative_text is not None and world > 1:
-            negative_text, negative_valid = _all_gather(negative_text, True), gather_ids(negative_valid)
+            negative_text = _all_gather(negative_text, True)
+            negative_valid = gather_ids(negative_valid.to(torch.uint8)).bool()  # gloo gathers no bool tensors
 
     # The full global logit matrix on every rank: each local slice then gets the exact global gradient.
     logits_per_image = logit_scale * image_features @ text_features.T  # (Bg, Bg)

@@ -49,13 +49,13 @@ def sample_negatives(
         )
     if not 0.0 <= uniform <= 1.0:
         raise ValueError(f"uniform must be in [0, 1], got {uniform}")
-    flat = allowed.float() / allowed.sum(dim=1, keepdim=True)  # (B, N), rows sum to 1
     if not hard or uniform == 1.0:
-        weights = flat
+        weights = allowed.float()  # (B, N); multinomial normalises each row
     else:
         soft = _softmax_weights(sim, allowed)  # (B, N)
-        weights = (1 - uniform) * soft / soft.sum(dim=1, keepdim=True) + uniform * flat
-    # multinomial takes unnormalised rows
+        weights = soft / soft.sum(dim=1, keepdim=True)
+        if uniform:
+            weights = (1 - uniform) * weights + uniform * allowed.float() / allowed.sum(dim=1, keepdim=True)
     return torch.multinomial(weights, 1, generator=generator).squeeze(1)  # (B,)
 
 

@@ -125,6 +125,10 @@ class BatchPlan:
         order = (near < 0).to(torch.int8).argsort(dim=1, stable=True)  # usable ones first, in rank order
         self.neighbours = near.gather(1, order)  # (N, k)
 
+    def step_seed(self, micro_step: int, salt: int = 0) -> int:
+        """A seed for the random draws of one micro-batch on this rank: a resumed run redraws the same."""
+        return (self.seed * 100_003 + micro_step) * 1_009 + self.rank + salt
+
     def __call__(self, micro_step: int) -> torch.Tensor:
         epoch, j = divmod(micro_step, self.per_epoch)
         if epoch != self._epoch:
@@ -134,7 +138,7 @@ class BatchPlan:
         seeds = self._perm[start : start + self.n_seed]  # (S,)
         if not self.n_near:
             return seeds
-        g = torch.Generator().manual_seed((self.seed * 100_003 + micro_step) * 1_009 + self.rank)
+        g = torch.Generator().manual_seed(self.step_seed(micro_step))
         options = self.neighbours[seeds[: self.n_near]]  # (M, k), -1: none
         count = (options >= 0).sum(dim=1)  # (M,) neighbours are packed first, -1s after
         pick = (torch.rand(self.n_near, generator=g) * count.clamp(min=1)).long()  # (M,)
@@ -175,7 +179,7 @@ class TrainData:
             idx = torch.tensor(keep)
         batch = TrainBatch(pixels, self.tokens[idx], self.ids[idx])
         if self.vocabulary is not None:
-            seed = (self.plan.seed * 100_003 + micro_step) * 1_009 + self.plan.rank + 7
+            seed = self.plan.step_seed(micro_step, salt=7)  # not the neighbours' draw
             negatives, valid = negative_captions([self.captions[i] for i in idx], seed, self.vocabulary)
             batch.negative_tokens = self.tokenizer(negatives)  # (B, L)
             batch.negative_valid = torch.tensor(valid)  # (B,)
