@@ -28,11 +28,11 @@ def reference(pairs_file: Path, arch: str, batch: int, steps: int) -> float:
     import open_clip
     from open_clip.loss import ClipLoss
 
-    import retrieval.models.encoders  # noqa: F401 - registers our presets (tiny-vit-64) with open_clip
+    from retrieval.models.encoders import create_untrained  # our presets' model, conv stem included
     from retrieval.train.data import PairImages, load_pairs, normalize
 
     torch.manual_seed(0)
-    model = open_clip.create_model(arch, pretrained=None)
+    model = create_untrained(arch)  # open_clip.create_model, plus the preset's conv stem if it has one
     tokenizer = open_clip.get_tokenizer(arch)
     pairs = load_pairs(pairs_file)
     size = model.visual.image_size
@@ -84,7 +84,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--arch", default="tiny-vit-64")
+    parser.add_argument("--arch", default="tiny-cvit-64")
     parser.add_argument("--batch-size", type=int, default=96)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--n", type=int, default=2000, help="scenes to generate")

@@ -144,8 +144,8 @@ def load_albef(directory) -> tuple[AlbefModel, str]:
             f"{directory}: this checkpoint has no ITM head (fusion); train with objectives.itm=true"
         )
     clip, arch, _ = load_dual_encoder(directory)
-    # checkpoints written before the readout option read the first token; the key is recorded ever since
-    fusion = {"readout": "first", **config.get("fusion", {})}
+    # checkpoints written before an option existed behave as then: first-token readout, no image positions
+    fusion = {"readout": "first", "image_positions": False, **config.get("fusion", {})}
     model = AlbefModel(clip, from_dict(FusionConfig, fusion, "fusion"))
     load_component(directory, "fusion", model.fusion)
     return model.eval(), arch

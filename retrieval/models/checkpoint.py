@@ -1,6 +1,7 @@
 """Checkpoint directories (DESIGN.md "Checkpoints"): config.json plus one safetensors file per component.
 
     DIR/config.json              {"format": "retrieval-checkpoint", "version": 1, "arch": ..., "model_cfg": {...},
+                                  "vision_stem": [channels] or null (models/stems.py),
                                   "components": {"dual_encoder": "dual_encoder.safetensors", ...}, ...}
     DIR/dual_encoder.safetensors the OpenCLIP model's state dict
     DIR/<component>.safetensors  fusion/ITM, captioner, projector: whatever was trained
@@ -11,6 +12,7 @@ renamed into place, config.json last, so a crash mid-save never leaves a directo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -23,6 +25,7 @@ from safetensors.torch import load_file, save_model
 
 from retrieval.errors import UserError
 from retrieval.models.encoders import file_digest
+from retrieval.models.stems import stem_channels
 
 FORMAT = "retrieval-checkpoint"
 VERSION = 1
@@ -62,6 +65,7 @@ def save_checkpoint(
         "version": VERSION,
         "arch": arch,
         "model_cfg": open_clip.get_model_config(arch),
+        "vision_stem": stem_channels(components[DUAL_ENCODER]),
         "tokenizer": {"kind": "open_clip", "arch": arch},
         "components": files,
         **(extra or {}),
@@ -89,13 +93,21 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
-def _register_arch(arch: str, model_cfg: dict[str, Any]) -> None:
-    """A checkpoint carries its architecture, so it loads even where the arch was never registered."""
+def _register_arch(arch: str, model_cfg: dict[str, Any]) -> str:
+    """A checkpoint carries its architecture, so it loads even where the arch was never registered, or where a
+    newer toolkit changed what the name means (then it is registered under a name of its own). Returns the name
+    to build it by."""
     if arch in open_clip.list_models():
-        return
+        if open_clip.get_model_config(arch) == model_cfg:
+            return arch
+        digest = hashlib.blake2b(json.dumps(model_cfg, sort_keys=True).encode(), digest_size=6).hexdigest()
+        arch = f"{arch}@{digest}"
+        if arch in open_clip.list_models():
+            return arch
     tmp = Path(tempfile.mkdtemp(prefix="retrieval-arch-"))
     (tmp / f"{arch}.json").write_text(json.dumps(model_cfg))
     open_clip.add_model_config(tmp)
+    return arch
 
 
 def load_component(directory: str | os.PathLike, name: str, module: torch.nn.Module) -> torch.nn.Module:
@@ -118,10 +130,11 @@ def load_dual_encoder(directory: str | os.PathLike) -> tuple[torch.nn.Module, st
     """Returns (OpenCLIP model on the CPU, architecture name, weights identity)."""
     config = read_config(directory)
     arch = config["arch"]
-    _register_arch(arch, config["model_cfg"])
+    build = _register_arch(arch, config["model_cfg"])
     from retrieval.models.encoders import create_untrained  # here: encoders imports this module
 
-    model = create_untrained(arch)
+    stem = config.get("vision_stem")  # absent in checkpoints older than stems: they had none
+    model = create_untrained(build, tuple(stem) if stem else None)
     load_component(directory, DUAL_ENCODER, model)
     weights = f"checkpoint:{file_digest(Path(directory) / config['components'][DUAL_ENCODER])}"
     return model, arch, weights

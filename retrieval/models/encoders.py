@@ -17,6 +17,7 @@ import torch
 
 from retrieval.config import EncoderConfig
 from retrieval.errors import UserError
+from retrieval.models.stems import STEMS_FILE, apply_conv_stem, preset_stem
 
 PRESET_DIR = Path(__file__).parent / "configs"
 open_clip.add_model_config(PRESET_DIR)
@@ -24,7 +25,7 @@ open_clip.add_model_config(PRESET_DIR)
 
 def list_presets() -> list[str]:
     """Our own architectures (tiny, train in minutes on a CPU); they are registered with open_clip on import."""
-    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json") if p != STEMS_FILE)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -64,15 +65,21 @@ def check_arch(arch: str) -> None:
     raise UserError(f"unknown model architecture {arch!r}.{hint}")
 
 
-def create_untrained(arch: str) -> torch.nn.Module:
+_PRESET = object()  # create_untrained's default: the stem the preset declares (stems.py)
+
+
+def create_untrained(arch: str, stem: tuple[int, ...] | None | object = _PRESET) -> torch.nn.Module:
     """open_clip.create_model without weights, minus its "no pretrained weights loaded" warning: random init (or
-    weights loaded right after, from a checkpoint) is the point here, and the warning only alarms users."""
+    weights loaded right after, from a checkpoint) is the point here, and the warning only alarms users.
+    stem: conv stem channels, None for none, or by default whatever the preset `arch` declares."""
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)
     try:
-        return open_clip.create_model(arch, pretrained=None)
+        model = open_clip.create_model(arch, pretrained=None)
     finally:
         logging.disable(previous)
+    channels = preset_stem(arch) if stem is _PRESET else stem
+    return apply_conv_stem(model, channels) if channels else model
 
 
 def create_clip(arch: str, pretrained: str = "none", seed: int = 0) -> tuple[torch.nn.Module, str]:
@@ -86,7 +93,11 @@ def create_clip(arch: str, pretrained: str = "none", seed: int = 0) -> tuple[tor
         return model, f"random-init:seed={seed}"
     if os.path.isfile(pretrained):
         try:
-            model = open_clip.create_model(arch, pretrained=pretrained, weights_only=True)
+            if preset_stem(arch):  # open_clip would build the patchify layer the weights do not fit
+                model = create_untrained(arch)
+                open_clip.load_checkpoint(model, pretrained, weights_only=True)
+            else:
+                model = open_clip.create_model(arch, pretrained=pretrained, weights_only=True)
         except Exception as e:  # noqa: BLE001 - any failure to read the file is bad input
             raise UserError(
                 f"{pretrained}: cannot load as weights for {arch}: {str(e).splitlines()[0]}"

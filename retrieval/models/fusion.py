@@ -6,6 +6,8 @@ training step: losses never hold a model (STYLE rule 4), so the composition live
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +32,9 @@ class FusionConfig:
     )
     # has fed the whole caption (position 0 is the same for every caption there and left ITM stuck at the class
     # prior for half a run); "first" ([CLS]) for a bidirectional text encoder
+    image_positions: bool = True  # add fixed 2D sin-cos positions to the image tokens (square grids only), so
+    # "where is the red thing" is one cross-attention lookup, not whatever position survived the tower. Relations
+    # need it; on synth scenes it did not yet move binding (0.817 vs 0.815), the relation's direction is unlearned
 
 
 class _FusionLayer(nn.Module):
@@ -118,7 +123,10 @@ class FusionEncoder(nn.Module):
         self._check(text_tokens, text_mask, image_tokens, image_index)
         key_padding = ~text_mask  # (B, L), MultiheadAttention's convention: True = ignore
         x = self.text_proj(text_tokens)  # (B, L, W)
-        image = self.ln_image(self.image_proj(image_tokens))  # (B or M, N, W)
+        image = self.image_proj(image_tokens)  # (B or M, N, W)
+        if self.cfg.image_positions:
+            image = image + grid_positions(image.shape[1], image.shape[2], image.device, image.dtype)
+        image = self.ln_image(image)  # (B or M, N, W)
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             x = block(x, key_padding, image, image_index, only if i == last else None)  # (B, L or 1, W)
@@ -180,6 +188,23 @@ class FusionEncoder(nn.Module):
                 "text_mask must mark a non-empty prefix of each row (right padding): ITM reads its first or last "
                 "real token"
             )
+
+
+@functools.cache
+def _sincos_grid(n: int, width: int) -> Tensor | None:
+    side = math.isqrt(n)
+    if side * side != n or width % 4:
+        return None
+    from open_clip.pos_embed import get_2d_sincos_pos_embed
+
+    return torch.from_numpy(get_2d_sincos_pos_embed(width, side)).float()  # (N, W)
+
+
+def grid_positions(n: int, width: int, device: torch.device, dtype: torch.dtype) -> Tensor | float:
+    """(N, W) fixed 2D sin-cos embedding of n tokens on a square grid (row-major, as ViTs emit patch tokens);
+    0.0 when n is not a square (a class token included, a non-square image): nothing is added then."""
+    grid = _sincos_grid(n, width)
+    return 0.0 if grid is None else grid.to(device=device, dtype=dtype)
 
 
 def build_fusion(cfg: FusionConfig) -> FusionEncoder:

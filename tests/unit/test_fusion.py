@@ -199,3 +199,19 @@ def test_itm_logits_with_a_first_row_only_last_layer_equal_the_full_pass() -> No
     assert torch.allclose(
         first.itm_logits(text, mask, image), fusion.itm_head(fusion(text, mask, image)[:, 0]), atol=1e-5
     )
+
+
+@pytest.mark.parametrize("positions", [True, False])
+def test_image_positions_make_the_fusion_see_where_things_are(positions: bool) -> None:
+    """Cross-attention alone is blind to the order of the image tokens; with grid positions a mirrored image
+    (same tokens, columns reversed) reads differently, which is what "left of" vs "right of" needs."""
+    torch.manual_seed(0)
+    fusion = build_fusion(dataclasses.replace(CFG, image_positions=positions)).eval()
+    text, mask, _ = _inputs()
+    image = torch.randn(3, 16, CFG.image_width)  # (B, 4 x 4 grid, Di), row-major
+    mirrored = image.unflatten(1, (4, 4)).flip(2).flatten(1, 2)  # columns reversed
+    same = torch.allclose(fusion(text, mask, image), fusion(text, mask, mirrored), atol=1e-5)
+    assert same is not positions
+    # a token count that is not a square grid (e.g. a class token kept) gets no positions, and still runs
+    odd = torch.randn(3, 17, CFG.image_width)
+    assert torch.allclose(fusion(text, mask, odd), fusion(text, mask, odd[:, torch.randperm(17)]), atol=1e-5)
