@@ -28,10 +28,11 @@ def test_kill_9_mid_run_then_resume(tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    deadline = time.time() + 120
+    deadline = time.time() + 600  # generous: on a loaded 2-core box the first commits took over 2 minutes
     while committed_versions(db) < 4 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
     assert proc.poll() is None, "the run finished before it could be killed; make the folder bigger"
+    assert committed_versions(db) >= 4, "no commit within 10 minutes: the machine is too loaded for this test"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
 
