@@ -4,8 +4,9 @@ A ViT's patchify layer is one strided convolution, so where things are relative 
 the left of a blue square") must be learned by attention from a position table trained from scratch. On
 generated scenes the tiny ViT needed 300 fully supervised steps to tell a horizontal pair from a vertical one
 (0.83 held-out accuracy); with this stem of three stride-2 3x3 convolutions in its place it was at 0.99 after
-150, at the same step time. In contrastive training the patchify tower never learned relations at all within the
-15-minute budget (a linear probe on its image features read the axis at chance).
+150 (the probe's step time within 5%; a whole training step is slower, see the README's training speed). In
+contrastive training the patchify tower never learned relations at all within the 15-minute budget (a linear
+probe on its image features read the axis at chance).
 
 OpenCLIP's configs have no place for a stem, so it lives beside them: presets name theirs in `configs/stems.json`,
 checkpoints record theirs in config.json ("vision_stem"), and `apply_conv_stem` swaps it into a built model.
