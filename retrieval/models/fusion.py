@@ -191,20 +191,16 @@ class FusionEncoder(nn.Module):
 
 
 @functools.cache
-def _sincos_grid(n: int, width: int) -> Tensor | None:
+def grid_positions(n: int, width: int, device: torch.device, dtype: torch.dtype) -> Tensor | float:
+    """(N, W) fixed 2D sin-cos embedding of n tokens on a square grid (row-major, as ViTs emit patch tokens),
+    built once per shape, device and dtype; 0.0 when n is not a square (a class token included, a non-square
+    image) or width is not a multiple of 4: nothing is added then."""
     side = math.isqrt(n)
     if side * side != n or width % 4:
-        return None
+        return 0.0
     from open_clip.pos_embed import get_2d_sincos_pos_embed
 
-    return torch.from_numpy(get_2d_sincos_pos_embed(width, side)).float()  # (N, W)
-
-
-def grid_positions(n: int, width: int, device: torch.device, dtype: torch.dtype) -> Tensor | float:
-    """(N, W) fixed 2D sin-cos embedding of n tokens on a square grid (row-major, as ViTs emit patch tokens);
-    0.0 when n is not a square (a class token included, a non-square image): nothing is added then."""
-    grid = _sincos_grid(n, width)
-    return 0.0 if grid is None else grid.to(device=device, dtype=dtype)
+    return torch.from_numpy(get_2d_sincos_pos_embed(width, side)).to(device=device, dtype=dtype)  # (N, W)
 
 
 def build_fusion(cfg: FusionConfig) -> FusionEncoder:

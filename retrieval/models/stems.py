@@ -14,6 +14,7 @@ checkpoints record theirs in config.json ("vision_stem"), and `apply_conv_stem` 
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -46,11 +47,14 @@ class ConvStem(nn.Module):
         return self.body(x)
 
 
+@functools.cache
+def _preset_stems() -> dict[str, list[int]]:
+    return json.loads(STEMS_FILE.read_text()) if STEMS_FILE.is_file() else {}  # read once per process
+
+
 def preset_stem(arch: str) -> tuple[int, ...] | None:
     """The stem channels a preset of ours declares, or None (every OpenCLIP architecture, most presets)."""
-    if not STEMS_FILE.is_file():
-        return None
-    channels = json.loads(STEMS_FILE.read_text()).get(arch)
+    channels = _preset_stems().get(arch)
     return tuple(channels) if channels else None
 
 

@@ -18,9 +18,7 @@ from retrieval.models.fusion import FusionConfig
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str = (
-        "tiny-cvit-64"  # OpenCLIP architecture or preset; tiny-cvit-64 (conv stem, fixed 2D positions)
-    )
+    arch: str = "tiny-cvit-64"  # OpenCLIP architecture or preset; this one (conv stem, fixed 2D positions)
     # trains on a CPU in minutes and, unlike the plain tiny-vit-64, learns spatial relations within that budget
     pretrained: str = "none"  # OpenCLIP tag, local weights file, or none (train from scratch)
     init_checkpoint: str | None = (
