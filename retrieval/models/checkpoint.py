@@ -104,9 +104,10 @@ def _register_arch(arch: str, model_cfg: dict[str, Any]) -> str:
         arch = f"{arch}@{digest}"
         if arch in open_clip.list_models():
             return arch
-    tmp = Path(tempfile.mkdtemp(prefix="retrieval-arch-"))
-    (tmp / f"{arch}.json").write_text(json.dumps(model_cfg))
-    open_clip.add_model_config(tmp)
+    # open_clip reads the file into its registry at once; a removed folder is skipped by its later rescans
+    with tempfile.TemporaryDirectory(prefix="retrieval-arch-") as tmp:
+        (Path(tmp) / f"{arch}.json").write_text(json.dumps(model_cfg))
+        open_clip.add_model_config(tmp)
     return arch
 
 
