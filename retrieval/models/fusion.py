@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from retrieval.losses.matching import itm_loss
+from retrieval.losses.matching import itm_loss, pairwise_rank_loss
 from retrieval.losses.mining import sample_negatives
 
 
@@ -236,6 +236,7 @@ def itm_forward(
     negative_tokens: Tensor | None = None,
     negative_mask: Tensor | None = None,
     negative_valid: Tensor | None = None,
+    ranked: dict[str, tuple[Tensor, Tensor, Tensor, Tensor]] | None = None,
 ) -> dict[str, Tensor]:
     """ITM on B positives, B hard-negative texts (one per image) and B hard-negative images (one per text).
 
@@ -244,7 +245,11 @@ def itm_forward(
     image i and text j are a positive pair (same image id / same caption); the diagonal is always positive.
     negative_tokens / negative_mask (B, L, Dt) / (B, L): token states of a generated false caption per image
     (train/negatives.py), one more negative pair (image i, negative i) for each row where negative_valid.
-    Returns `matching.itm_loss`'s dict.
+    ranked: name -> (tokens (V, L, Dt), mask (V, L), image (V,) long, owner (V,) long): false pairs kept out
+    of ITM's cross-entropy, each only to score below the positive pair of row owner (`matching.pairwise_rank_loss`):
+    a false caption of image owner (image = owner), or text owner with another image (image_tokens may hold
+    more than B images; rows past B are only used here).
+    Returns `matching.itm_loss`'s dict, plus "rank_<name>" and "rank_<name>_acc" per ranked group.
     """
     b = text_tokens.shape[0]
     for name, t in (("sim_i2t", sim_i2t), ("sim_t2i", sim_t2i), ("positive_mask", positive_mask)):
@@ -272,6 +277,18 @@ def itm_forward(
         texts.append(negative_tokens[keep])
         masks.append(negative_mask[keep])
         images.append(keep)
-    # (3B [+ V], 2); each image's keys/values are projected once, not once per row
+    n_itm = sum(len(i) for i in images)
+    for tokens, mask, image, _ in (ranked or {}).values():
+        texts.append(tokens)
+        masks.append(mask)
+        images.append(image)
+    # (3B [+ V] [+ ranked], 2); each image's keys/values are projected once, not once per row
     logits = fusion.itm_logits(torch.cat(texts), torch.cat(masks), image_tokens, torch.cat(images))
-    return itm_loss(logits[:b], logits[b:])
+    out = itm_loss(logits[:b], logits[b:n_itm])
+    log_odds = logits[:, 1] - logits[:, 0]  # (rows,)
+    start = n_itm
+    for name, (_, _, _, owner) in (ranked or {}).items():
+        found = pairwise_rank_loss(log_odds[owner], log_odds[start : start + len(owner)])
+        out.update({f"rank_{name}": found["rank"], f"rank_{name}_acc": found["rank_acc"]})
+        start += len(owner)
+    return out

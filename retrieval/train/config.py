@@ -59,10 +59,27 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class RefineConfig:
+    steps: int = 0  # fusion-only ITM steps after the joint run, towers frozen (train/refine.py); 0: none.
+    # The joint run leaves ITM at chance on a relation's direction; 450 steps (~2.5 min) teach it (synth
+    # binding 0.817 -> 0.913 after steps=600), but ITM re-ranking falls (0.543 -> 0.420): opt-in for now
+    batch_size: int = 64  # images per step, each with in-batch, opposite-relation and one other false caption
+    lr: float = 5e-4  # constant AdamW learning rate of the fusion encoder
+    itm_weight: float = 2.0  # in-batch ITM cross-entropy, keeps the head calibrated for re-ranking (default
+    # model's frozen towers: re-ranked t2i R@1 0.516 at 2.0, 0.480 at 0.5; binding 0.893 vs 0.891)
+    relation_weight: float = 4.0  # caption ranked over its opposite-relation twin: the concentrated signal
+    # the saddle needs (at 1, beside the binding term, the direction reached 0.68, not 0.93, in 500 steps)
+    binding_weight: float = 0.5  # caption ranked over one attribute/noun-swapped twin: keeps binding
+    max_pairs: int = 8192  # training images whose frozen token states are cached for the stage
+    max_cache_gb: float = 1.0  # fewer images are cached when their token states would exceed this
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     objectives: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
     steps: int = 720  # optimizer steps (each of batch_size * grad_accum pairs); ~12 min on 2 CPU cores
     batch_size: int = 96  # pairs per micro-batch; also the contrastive batch on one process
     hard_batches: float = 0.0  # share of each batch filled with lexical neighbours of the rest's captions:
@@ -154,5 +171,11 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] = ())
         raise UserError(
             f"hard_batches={cfg.hard_batches}, neighbours={cfg.neighbours}, mine_every={cfg.mine_every}: need "
             "0 <= hard_batches < 1, neighbours >= 1 and mine_every >= 0"
+        )
+    r = cfg.refine
+    if r.steps < 0 or r.batch_size < 2 or r.max_pairs < 2 or r.lr <= 0 or r.max_cache_gb <= 0:
+        raise UserError(
+            f"refine.steps={r.steps}, batch_size={r.batch_size}, max_pairs={r.max_pairs}, lr={r.lr}, "
+            f"max_cache_gb={r.max_cache_gb}: need steps >= 0, batch_size >= 2, max_pairs >= 2, lr > 0, max_cache_gb > 0"
         )
     return cfg

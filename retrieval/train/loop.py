@@ -29,11 +29,12 @@ from tqdm import tqdm
 from retrieval.data.pairs import PairStats
 from retrieval.errors import UserError
 from retrieval.models.albef import AlbefModel
-from retrieval.models.checkpoint import load_dual_encoder, save_checkpoint
+from retrieval.models.checkpoint import load_dual_encoder, read_config, save_checkpoint
 from retrieval.models.encoders import autocast_dtype, create_clip, resolve_device
 from retrieval.train.config import TrainConfig
 from retrieval.train.data import BatchPlan, PairImages, TrainData, describe_skips, load_pairs, normalize
 from retrieval.train.neighbours import caption_neighbours, mined_neighbours
+from retrieval.train.refine import refine_fusion
 from retrieval.train.tasks import ItcItmTask
 
 RESUME = "resume"
@@ -212,18 +213,19 @@ def train(
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        _truncate_log(log_path, start)
+        _truncate_log(log_path, start if not (resume and _refined(out)) else math.inf)
         print(
             f"{len(pairs)} pairs from {pairs_source} ({describe_skips(stats, images)}); steps {start}->{cfg.steps}",
             file=sys.stderr,
         )
     eval_pairs = load_pairs(cfg.eval_pairs) if cfg.eval_pairs and rank == 0 else None
 
-    def checkpoint(step: int, metrics: dict[str, Any]) -> None:
+    def checkpoint(step: int, metrics: dict[str, Any], refined: bool = False) -> None:
         extra = {
             "training": {
                 "pairs": str(pairs_source),
                 "step": step,
+                "refined": refined,
                 "config": dataclasses.asdict(cfg),
                 "metrics": metrics,
             },
@@ -282,11 +284,37 @@ def train(
         if rank == 0 and (step % cfg.save_every == 0 or step == last):
             checkpoint(step, metrics)
     bar.close()
-    if rank == 0 and step == start and start:
+    refine = cfg.objectives.itm and cfg.refine.steps > 0 and step == cfg.steps
+    if rank == 0 and refine and not (start == cfg.steps and _refined(out)):
+        # a run killed during the stage resumes from the joint run's last checkpoint and refines again
+        def log(record: dict[str, Any]) -> None:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+        refine_fusion(model, data, cfg, preprocess, device, amp, log, progress)
+        if eval_pairs is not None:
+            metrics = _evaluate(model, eval_pairs, cfg, image_size, preprocess, arch, device)
+            log(
+                {
+                    "step": cfg.steps + cfg.refine.steps,
+                    "stage": "refine",
+                    **{f"eval.{k}": v for k, v in metrics.items()},
+                }
+            )
+        checkpoint(step, metrics, refined=True)
+    elif rank == 0 and step == start and start:
         print(f"{out} had already reached step {start}", file=sys.stderr)
     if world > 1:
         dist.barrier()
     return {"out": str(out), "steps": step, "metrics": metrics}
+
+
+def _refined(out: Path) -> bool:
+    """Whether the checkpoint in `out` has been through the ITM refinement stage."""
+    try:
+        return bool(read_config(out).get("training", {}).get("refined"))
+    except (UserError, OSError, ValueError):  # no or unreadable checkpoint: not refined
+        return False
 
 
 def _evaluate(model, pairs, cfg: TrainConfig, image_size, preprocess, arch, device) -> dict[str, Any]:

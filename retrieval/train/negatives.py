@@ -112,6 +112,33 @@ def candidates(caption: str) -> list[str]:
     return [c for c in dict.fromkeys(found) if c != text]
 
 
+def relation_opposite(caption: str) -> str | None:
+    """`caption` with its spatial relation replaced by the opposite one ("left of" -> "right of", "above" ->
+    "below"), everything else in place; None without a relation between two phrases. The one edit that only the
+    direction tells apart: both objects, their attributes and the axis stay true."""
+    text = " ".join(caption.lower().split())
+    match = _RELATION_RE.search(text)
+    if not match or not text[: match.start()].strip() or not text[match.end() :].strip():
+        return None
+    return f"{text[: match.start()]}{_RELATION_FAMILY[match.group(1)][0]}{text[match.end() :]}"
+
+
+def binding_candidates(caption: str) -> list[str]:
+    """The rule-made false versions of `caption` that keep its relation and phrase order: attribute and head-noun
+    swaps, or one attribute changed (a single object). With relation_opposite, what the ITM refinement ranks."""
+    text = " ".join(caption.lower().split())
+    match = _RELATION_RE.search(text)
+    if not match:
+        return candidates(text)
+    keep = []
+    for c in candidates(text):
+        m = _RELATION_RE.search(c)
+        # same relation word at the same place, and not the phrase swap (which changes the direction)
+        if m and m.group(1) == match.group(1) and c[: m.start()].strip() != text[match.end() :].strip():
+            keep.append(c)
+    return keep
+
+
 def negative_caption(caption: str, rng: random.Random, vocabulary: Vocabulary | None = None) -> str | None:
     """One false version of `caption`, drawn uniformly among the rule-made ones the vocabulary allows; or None."""
     options = candidates(caption)

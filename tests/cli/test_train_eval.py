@@ -19,6 +19,8 @@ TINY = [
     "batch_size=16",
     "log_every=1",
     "optim.warmup_steps=2",
+    "refine.steps=3",  # the ITM refinement stage runs too (on rank 0 alone under torchrun)
+    "refine.batch_size=8",
 ]
 
 
@@ -110,5 +112,7 @@ def test_torchrun_two_gloo_processes(scenes, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     log = [json.loads(line) for line in (ck / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2, 3]  # rank 0 alone writes the log
+    # rank 0 alone writes the log, and runs the refinement stage (steps 4-6) while the other rank waits
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert [r.get("stage") for r in log] == [None, None, None, "refine", "refine", "refine"]
     assert (ck / "dual_encoder.safetensors").exists() and (ck / "fusion.safetensors").exists()

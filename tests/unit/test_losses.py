@@ -21,7 +21,7 @@ from retrieval.losses.contrastive import (
     local_block,
 )
 from retrieval.losses.distill import FeatureQueue, distilled_clip_loss, momentum_update
-from retrieval.losses.matching import itm_loss
+from retrieval.losses.matching import itm_loss, pairwise_rank_loss
 from retrieval.losses.mining import same_id_mask, sample_negatives
 
 
@@ -323,6 +323,25 @@ def test_itm_loss_labels_and_accuracy() -> None:
     assert perfect["itm_acc"].item() == 1.0 and perfect["itm"].item() < out["itm"].item()
     with pytest.raises(ValueError):
         itm_loss(torch.zeros(2, 3), neg)
+
+
+def test_pairwise_rank_loss_is_softplus_of_the_negative_margin() -> None:
+    true = torch.tensor([2.0, 0.0, -1.0], requires_grad=True)
+    false = torch.tensor([0.0, 1.0, -1.0])
+    out = pairwise_rank_loss(true, false)
+    expected = (F.softplus(torch.tensor(-2.0)) + F.softplus(torch.tensor(1.0)) + math.log(2)) / 3
+    assert out["rank"].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert out["rank_acc"].item() == pytest.approx(1 / 3)  # a tie is not ordered right
+    out["rank"].backward()
+    assert bool((true.grad < 0).all())  # every true score is pushed up, the worst-ordered hardest
+    assert true.grad[1] < true.grad[0]
+    # only the order counts: shifting both scores of a pair changes nothing
+    shifted = pairwise_rank_loss(true.detach() + 5.0, false + 5.0)
+    assert shifted["rank"].item() == pytest.approx(out["rank"].item(), rel=1e-6)
+    empty = pairwise_rank_loss(torch.zeros(0), torch.zeros(0))
+    assert empty["rank"].item() == 0.0 and empty["rank_acc"].item() == 0.0
+    with pytest.raises(ValueError, match=r"\(N,\)"):
+        pairwise_rank_loss(torch.zeros(3), torch.zeros(2))
 
 
 # ---------------------------------------------------------------- distillation

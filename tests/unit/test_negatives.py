@@ -7,12 +7,20 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from retrieval.data.synth import HELDOUT_COMBOS, hard_negative_captions, parse_caption, scene_key
 from retrieval.losses.contrastive import clip_loss
 from retrieval.losses.distill import FeatureQueue, distilled_clip_loss
 from retrieval.models.fusion import FusionConfig, build_fusion, itm_forward
-from retrieval.train.negatives import Vocabulary, candidates, negative_caption, negative_captions
+from retrieval.train.negatives import (
+    Vocabulary,
+    binding_candidates,
+    candidates,
+    negative_caption,
+    negative_captions,
+    relation_opposite,
+)
 
 TWO = "a small red circle to the left of a large blue square"
 
@@ -139,3 +147,54 @@ def test_itm_forward_adds_one_negative_pair_per_valid_row() -> None:
         seen["images"][3 * b :], image[valid]
     )
     assert torch.isfinite(out["itm"])
+
+
+def test_relation_opposite_and_binding_candidates_split_the_rules() -> None:
+    caption = "A small red circle to the left of a large blue square"
+    assert relation_opposite(caption) == "a small red circle to the right of a large blue square"
+    assert relation_opposite("a cat below a dog") == "a cat above a dog"
+    assert relation_opposite("a small red circle") is None and relation_opposite("above the clouds") is None
+    binding = binding_candidates(caption)
+    assert set(binding) == {
+        "a small blue circle to the left of a large red square",  # colours swapped
+        "a large red circle to the left of a small blue square",  # sizes swapped
+        "a small red square to the left of a large blue circle",  # head nouns swapped
+    }
+    # together they are every rule-made candidate except the phrase swap and the change of axis
+    rest = set(candidates(caption)) - set(binding) - {relation_opposite(caption)}
+    assert rest == {
+        "a large blue square to the left of a small red circle",
+        "a small red circle above a large blue square",
+        "a small red circle below a large blue square",
+    }
+    assert binding_candidates("a small red circle") == candidates("a small red circle")
+
+
+def test_itm_forward_ranks_false_pairs_outside_the_cross_entropy() -> None:
+    torch.manual_seed(0)
+    fusion = build_fusion(FusionConfig(width=16, layers=1, heads=2, text_width=8, image_width=8))
+    b = 3
+    text, image = torch.randn(b, 4, 8), torch.randn(b + 1, 5, 8)  # one image past the batch
+    mask = torch.ones(b, 4, dtype=torch.bool)
+    sim, positives = torch.randn(b, b), torch.eye(b, dtype=torch.bool)
+    twin = torch.randn(2, 4, 8)
+    owner = torch.tensor([0, 2])
+    g = torch.Generator().manual_seed(1)
+    plain = itm_forward(fusion, text, mask, image[:b], sim, sim, positives, generator=g)
+    g = torch.Generator().manual_seed(1)
+    ranked = {
+        "twin": (twin, mask[:2], owner, owner),
+        "image": (text[:1], mask[:1], torch.tensor([b]), owner[:1]),
+    }
+    out = itm_forward(fusion, text, mask, image, sim, sim, positives, generator=g, ranked=ranked)
+    assert out["itm"].item() == pytest.approx(plain["itm"].item(), rel=1e-6)  # ITM's rows are unchanged
+    assert {"rank_twin", "rank_twin_acc", "rank_image", "rank_image_acc"} <= out.keys()
+    with torch.no_grad():
+        lo = fusion.itm_logits(
+            torch.cat([text, twin, text[:1]]), mask.new_ones(6, 4), image, torch.tensor([0, 1, 2, 0, 2, 3])
+        )
+        lo = lo[:, 1] - lo[:, 0]
+    expected = F.softplus(-(lo[[0, 2]] - lo[3:5])).mean()
+    assert out["rank_twin"].item() == pytest.approx(expected.item(), rel=1e-5)
+    expected = F.softplus(-(lo[0] - lo[5]))
+    assert out["rank_image"].item() == pytest.approx(expected.item(), rel=1e-5)

@@ -18,6 +18,7 @@ TINY = [
     "log_every=1",
     "save_every=2",
     "optim.warmup_steps=2",
+    "refine.steps=0",
 ]
 
 
@@ -123,3 +124,36 @@ def test_param_groups_give_the_fusion_its_own_rate_and_spare_norms_from_decay():
         if g["weight_decay"]:
             assert all(p.ndim >= 2 for p in g["params"])  # norms and biases are never decayed
     assert all(g["lr"] == 1e-3 for g in param_groups(model, 0.05, lr=1e-3))
+
+
+def test_refine_stage_trains_only_the_fusion_and_a_resume_redoes_an_unfinished_one(scenes, tmp_path):
+    data = str(scenes / "train.jsonl")
+    joint = [*TINY, "steps=4", "objectives.text_negatives=true"]
+    refine = [*joint, "refine.steps=3", "refine.batch_size=8"]
+    train(data, tmp_path / "joint", load_train_config(None, joint), progress=False)
+    train(data, tmp_path / "refined", load_train_config(None, refine), progress=False)
+    before, after = _weights(tmp_path / "joint"), _weights(tmp_path / "refined")
+    towers = [k for k in load_file(str(tmp_path / "joint" / "dual_encoder.safetensors"))]
+    for k in towers:  # the towers are frozen during the stage
+        torch.testing.assert_close(before[k], after[k], rtol=0, atol=0, msg=k)
+    assert any(not torch.equal(before[k], after[k]) for k in after.keys() - set(towers))
+    log = [json.loads(x) for x in (tmp_path / "refined" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6, 7]
+    stage = [r for r in log if r.get("stage") == "refine"]
+    assert len(stage) == 3 and all({"itm", "itm_acc", "loss"} <= r.keys() for r in stage)
+    assert any("rank_relation" in r or "rank_binding" in r for r in stage)
+    config = json.loads((tmp_path / "refined" / "config.json").read_text())
+    assert config["training"]["refined"] is True and config["training"]["step"] == 4
+
+    # a run whose joint part finished but whose stage did not (killed in it): --resume refines, the same way
+    cfg = load_train_config(None, refine)
+    train(data, tmp_path / "joint", cfg, progress=False, resume=True)
+    again = _weights(tmp_path / "joint")
+    for k in after:
+        torch.testing.assert_close(again[k], after[k], rtol=0, atol=0, msg=k)
+    # and once refined, a resume has nothing left to do
+    lines = (tmp_path / "joint" / "log.jsonl").read_text()
+    train(data, tmp_path / "joint", cfg, progress=False, resume=True)
+    assert (tmp_path / "joint" / "log.jsonl").read_text() == lines
+    for k, v in _weights(tmp_path / "joint").items():
+        torch.testing.assert_close(v, after[k], rtol=0, atol=0, msg=k)
