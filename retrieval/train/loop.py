@@ -187,6 +187,7 @@ def train(
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     start, state = _load_resume(out, task, opt, sched) if resume else (0, {})
+    refined = resume and _refined(out)  # the run ended, refinement stage included: nothing left to do
     mine = cfg.hard_batches > 0 and cfg.mine_every > 0 and images.cache is not None
     if "neighbours" in state:
         plan.set_neighbours(state["neighbours"])
@@ -213,7 +214,7 @@ def train(
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        _truncate_log(log_path, start if not (resume and _refined(out)) else math.inf)
+        _truncate_log(log_path, math.inf if refined else start)
         print(
             f"{len(pairs)} pairs from {pairs_source} ({describe_skips(stats, images)}); steps {start}->{cfg.steps}",
             file=sys.stderr,
@@ -285,7 +286,7 @@ def train(
             checkpoint(step, metrics)
     bar.close()
     refine = cfg.objectives.itm and cfg.refine.steps > 0 and step == cfg.steps
-    if rank == 0 and refine and not (start == cfg.steps and _refined(out)):
+    if rank == 0 and refine and not (start == cfg.steps and refined):
         # a run killed during the stage resumes from the joint run's last checkpoint and refines again
         def log(record: dict[str, Any]) -> None:
             with open(log_path, "a") as f:

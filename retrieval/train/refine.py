@@ -44,7 +44,7 @@ from retrieval.models.albef import PAD_ID, AlbefModel, encode_image_tokens, enco
 from retrieval.models.fusion import itm_forward
 from retrieval.train.config import TrainConfig
 from retrieval.train.data import TrainData, normalize
-from retrieval.train.negatives import Vocabulary, binding_candidates, relation_opposite
+from retrieval.train.negatives import binding_candidates, relation_opposite
 
 _CHUNK = 256  # images or texts per tower pass while filling the cache
 
@@ -64,7 +64,8 @@ class RefineCache:
         progress: bool = False,
     ) -> None:
         rc = cfg.refine
-        vocabulary = data.vocabulary or Vocabulary(data.captions)
+        # built by TrainData with objectives.text_negatives; without them (random negatives) no rule-made caption
+        vocabulary = data.vocabulary
         valid = data.images.valid.nonzero().flatten()  # (N_valid,)
         g = torch.Generator().manual_seed(cfg.seed + 101)
         order = valid[torch.randperm(len(valid), generator=g)]  # (N_valid,)
@@ -80,9 +81,7 @@ class RefineCache:
                 break
             caption = data.captions[i]
             cost = image_bytes
-            if (
-                caption not in slot_of and not cfg.objectives.text_negatives
-            ):  # random negatives only: no rules
+            if caption not in slot_of and vocabulary is None:
                 twin, found = None, []
             elif caption not in slot_of:
                 twin = relation_opposite(caption)
