@@ -21,6 +21,7 @@ from retrieval.data.pairs import Pair, PairStats, iter_pairs
 from retrieval.errors import UserError
 from retrieval.train.negatives import Vocabulary, negative_captions
 from retrieval.train.neighbours import caption_ids
+from retrieval.train.twins import caption_id, choose_sources, mirror, mirror_pixels
 
 
 @dataclass
@@ -150,7 +151,8 @@ class BatchPlan:
 
 class TrainData:
     """Batches of a plan. With text_negatives, each row also gets a generated false caption, drawn with a
-    generator seeded by (seed, micro-step, rank): a resumed run draws the same negatives."""
+    generator seeded by (seed, micro-step, rank): a resumed run draws the same negatives. With twins > 0, that
+    many mirror twins of the plan's rows (train/twins.py), chosen with the same kind of seed, end each batch."""
 
     def __init__(
         self,
@@ -159,12 +161,28 @@ class TrainData:
         tokenizer,
         plan: BatchPlan,
         text_negatives: bool = False,
+        twins: int = 0,
+        twins_vertical: bool = True,
     ):
         self.images, self.plan, self.tokenizer = images, plan, tokenizer
         self.captions = [p.caption for p in pairs]
         self.tokens = tokenizer(self.captions)  # (N, L)
         self.ids = caption_ids(self.captions)  # (N,)
         self.vocabulary = Vocabulary(self.captions) if text_negatives else None
+        self.twins, self.twins_vertical = twins, twins_vertical
+        self.known: dict[str, int] = {}  # normalised caption -> id, for the ids of twin captions
+        if twins:
+            for caption, i in zip(self.captions, self.ids.tolist(), strict=True):
+                self.known.setdefault(" ".join(caption.lower().split()), i)
+
+    def _add_twins(
+        self, pixels: torch.Tensor, captions: list[str], micro_step: int
+    ) -> tuple[torch.Tensor, list[str]]:
+        seed = self.plan.step_seed(micro_step, salt=13)
+        sources = choose_sources(captions, self.twins, seed, self.twins_vertical)
+        twins = [mirror(captions[i], self.twins_vertical) for i in sources]
+        flipped = [mirror_pixels(pixels[i], h, v) for i, (_, h, v) in zip(sources, twins, strict=True)]
+        return torch.cat([pixels, torch.stack(flipped)]), captions + [c for c, _, _ in twins]  # (B + T, ...)
 
     def batch(self, micro_step: int) -> TrainBatch:
         idx = self.plan(micro_step)
@@ -177,10 +195,18 @@ class TrainData:
                 raise UserError("a whole batch of images failed to decode; check the data")
             pixels = torch.stack([p for _, p in decoded if p is not None])
             idx = torch.tensor(keep)
-        batch = TrainBatch(pixels, self.tokens[idx], self.ids[idx])
+        captions = [self.captions[i] for i in idx]
+        if self.twins:
+            pixels, captions = self._add_twins(pixels, captions, micro_step)
+            n = len(idx)
+            tokens = torch.cat([self.tokens[idx], self.tokenizer(captions[n:])])  # (B + T, L)
+            ids = torch.cat([self.ids[idx], torch.tensor([caption_id(c, self.known) for c in captions[n:]])])
+            batch = TrainBatch(pixels, tokens, ids)
+        else:
+            batch = TrainBatch(pixels, self.tokens[idx], self.ids[idx])
         if self.vocabulary is not None:
             seed = self.plan.step_seed(micro_step, salt=7)  # not the neighbours' draw
-            negatives, valid = negative_captions([self.captions[i] for i in idx], seed, self.vocabulary)
+            negatives, valid = negative_captions(captions, seed, self.vocabulary)
             batch.negative_tokens = self.tokenizer(negatives)  # (B, L)
             batch.negative_valid = torch.tensor(valid)  # (B,)
         return batch

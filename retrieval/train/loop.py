@@ -177,8 +177,11 @@ def train(
     near = None
     if cfg.hard_batches > 0:
         near = caption_neighbours([p.caption for p in pairs], cfg.neighbours, seed=cfg.seed)  # (N, k)
-    plan = BatchPlan(images.valid, cfg.batch_size, cfg.seed, rank, world, near, cfg.hard_batches)
-    data = TrainData(pairs, images, open_clip.get_tokenizer(arch), plan, cfg.objectives.text_negatives)
+    # each batch: batch_size - twins rows of the plan, then their mirror twins
+    twins = round(cfg.twins * cfg.batch_size)
+    plan = BatchPlan(images.valid, cfg.batch_size - twins, cfg.seed, rank, world, near, cfg.hard_batches)
+    tokenizer = open_clip.get_tokenizer(arch)
+    data = TrainData(pairs, images, tokenizer, plan, cfg.objectives.text_negatives, twins, cfg.twins_vertical)
     task = ItcItmTask(model, cfg.objectives, cfg.seed + rank).to(device)
     opt = torch.optim.AdamW(
         param_groups(task, cfg.optim.weight_decay, cfg.optim.lr, cfg.optim.lr * cfg.optim.fusion_lr_scale),

@@ -1,0 +1,95 @@
+"""Mirror twins: a batch row's image flipped, its spatial words swapped to match, added to the same batch.
+
+Which way a relation points ("a red circle to the left of a blue square" against "... to the right of ...") is
+what a contrastive model from scratch fails to learn (bags of words; Yuksekgonul et al., ICLR 2023): a random batch
+almost never holds two images that differ only in it, and a rule-made reversed caption contrasts captions for
+one image, which leaves the image tower without a signal until the text tower has one (and the other way round).
+A mirrored twin is the missing contrast on the image side: the same objects, the relation reversed, and a caption
+that differs in one word. With the original and its twin in one batch, ITC has to tell the two apart, ITM's
+negatives mined by similarity are exactly those twins, and ITM re-ranking learns s(I, T) > s(mirror(I), T),
+which is what ranking the images for one caption needs.
+
+A horizontal flip swaps left and right (and leftmost/rightmost); a vertical flip, when enabled, swaps above and
+below, top and bottom, upper and lower. A row whose caption names no direction of an enabled axis gets a plain
+horizontal mirror with the same caption (an augmentation, a positive of its original). Photos with text in them
+read backwards in a mirror; for such data lower the share or turn it off (`twins=0`).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import zlib
+from collections.abc import Sequence
+
+import torch
+
+HORIZONTAL = {"left": "right", "right": "left", "leftmost": "rightmost", "rightmost": "leftmost"}
+VERTICAL = {
+    "above": "below",
+    "below": "above",
+    "top": "bottom",
+    "bottom": "top",
+    "upper": "lower",
+    "lower": "upper",
+}
+_WORDS = {
+    axis: re.compile(r"\b(" + "|".join(words) + r")\b", re.IGNORECASE)
+    for axis, words in (("h", HORIZONTAL), ("v", VERTICAL))
+}
+
+
+def _swap(caption: str, axis: str) -> str:
+    table = HORIZONTAL if axis == "h" else VERTICAL
+
+    def replace(m: re.Match[str]) -> str:
+        word = m.group(1)
+        new = table[word.lower()]
+        if word.isupper():
+            return new.upper()
+        return new.capitalize() if word[0].isupper() else new
+
+    return _WORDS[axis].sub(replace, caption)
+
+
+def mirror(caption: str, vertical: bool = True) -> tuple[str, bool, bool]:
+    """(twin caption, flip horizontally, flip vertically) for a caption's mirror twin.
+
+    The image is flipped along every axis the caption names a direction of (vertical only when enabled), its
+    words swapped to match; a caption naming none gets a horizontal flip and stays as it is."""
+    flip_h = bool(_WORDS["h"].search(caption))
+    flip_v = vertical and bool(_WORDS["v"].search(caption))
+    if flip_h:
+        caption = _swap(caption, "h")
+    if flip_v:
+        caption = _swap(caption, "v")
+    return caption, flip_h or not flip_v, flip_v
+
+
+def directional(caption: str, vertical: bool = True) -> bool:
+    """Whether the caption's twin differs from it (it names a direction of an enabled axis)."""
+    return bool(_WORDS["h"].search(caption)) or (vertical and bool(_WORDS["v"].search(caption)))
+
+
+def choose_sources(captions: Sequence[str], count: int, seed: int, vertical: bool = True) -> list[int]:
+    """`count` distinct row indices to twin, drawn with `seed`: rows whose twin differs from them first."""
+    rng = random.Random(seed)
+    rows = list(range(len(captions)))
+    rng.shuffle(rows)
+    rows.sort(key=lambda i: not directional(captions[i], vertical))  # stable: random within each group
+    return rows[: min(count, len(rows))]
+
+
+def mirror_pixels(pixels: torch.Tensor, flip_h: bool, flip_v: bool) -> torch.Tensor:
+    """(3, H, W) -> the same flipped along W (horizontal) and/or H (vertical)."""
+    dims = [d for d, on in ((-1, flip_h), (-2, flip_v)) if on]
+    return pixels.flip(dims) if dims else pixels
+
+
+def caption_id(caption: str, known: dict[str, int]) -> int:
+    """The caption's id: its index among the training captions (equal up to case and spacing), or for a caption
+    the data lacks a stable id from its text beyond them, the same on every rank and in a resumed run."""
+    key = " ".join(caption.lower().split())
+    if key in known:
+        return known[key]
+    return len(known) + zlib.crc32(key.encode("utf-8"))
