@@ -60,16 +60,23 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class RefineConfig:
-    steps: int = 0  # fusion-only ITM steps after the joint run, towers frozen (train/refine.py); 0: none.
-    # The joint run leaves ITM at chance on a relation's direction; 450 steps (~2.5 min) teach it (synth
-    # binding 0.817 -> 0.913 after steps=600), but ITM re-ranking falls (0.543 -> 0.420): opt-in for now
+    steps: int = 1500  # fusion-only ITM steps after the joint run, towers frozen (train/refine.py); 0: none.
+    # The joint run leaves ITM at chance on a relation's direction; with the mirror term the stage leaves that
+    # saddle after 450-700 steps (~0.2 s each) and then ranks both captions and images by it (synth, 720 joint +
+    # 1500 here: binding 0.817 -> 0.911, ITM re-ranked t2i R@1 0.536 -> 0.655 against 0.578 contrastive)
     batch_size: int = 64  # images per step, each with in-batch, opposite-relation and one other false caption
-    lr: float = 5e-4  # constant AdamW learning rate of the fusion encoder
+    lr: float = (
+        1e-3  # constant AdamW learning rate of the fusion encoder: the saddle is left sooner at 1e-3 than
+    )
+    # at 5e-4 (720 joint steps: training direction accuracy 0.74 vs 0.57 after 480 steps), never at 2e-3 in 1000
     itm_weight: float = 2.0  # in-batch ITM cross-entropy, keeps the head calibrated for re-ranking (default
     # model's frozen towers: re-ranked t2i R@1 0.516 at 2.0, 0.480 at 0.5; binding 0.893 vs 0.891)
     relation_weight: float = 4.0  # caption ranked over its opposite-relation twin: the concentrated signal
     # the saddle needs (at 1, beside the binding term, the direction reached 0.68, not 0.93, in 500 steps)
     binding_weight: float = 0.5  # caption ranked over one attribute/noun-swapped twin: keeps binding
+    mirror_weight: float = 4.0  # the caption's image ranked over its mirror twin (train/twins.py) for that
+    # caption: the image-side contrast that re-ranking images for a caption needs, and the term that leads the
+    # escape from the saddle (training accuracy 0.80 at 430 steps, relation 0.64); 0: not cached or ranked
     max_pairs: int = 8192  # training images whose frozen token states are cached for the stage
     max_cache_gb: float = 1.0  # fewer images are cached when their token states would exceed this
 
@@ -80,11 +87,19 @@ class TrainConfig:
     objectives: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
-    steps: int = 720  # optimizer steps (each of batch_size * grad_accum pairs); ~12 min on 2 CPU cores
+    steps: int = 600  # optimizer steps (each of batch_size * grad_accum pairs); with the refinement stage
+    # ~10 min on 2 CPU cores (7.4 min for 720 joint steps alone on the machine of the README's figures)
     batch_size: int = 96  # pairs per micro-batch; also the contrastive batch on one process
     hard_batches: float = 0.0  # share of each batch filled with lexical neighbours of the rest's captions:
     # random batches rarely hold captions one word apart. Off by default: at 800 steps on synth scenes it changed
     # nothing measurable (t2i R@1 0.331 vs 0.343); worth trying on real data with near-duplicate captions
+    # twins: share of each batch that is mirror twins of its other rows: image flipped, "left" <->
+    # "right" (and "above" <-> "below" with twins_vertical) swapped in the caption (train/twins.py). Off: in
+    # the joint run they did not teach the direction (synth, 720 steps at 0.33: reversed relation 0.53 by ITM)
+    # and cost recall (t2i R@1 0.445 vs 0.578); the refinement stage uses mirrors (refine.mirror_weight)
+    twins: float = 0.0
+    twins_vertical: bool = True  # twins (and refine's mirrors) also flip upside down for captions that say
+    # above/below/top/bottom; off for photos, where upside down is not a view the data has
     neighbours: int = 16  # candidates per caption for hard_batches (drawn uniformly among them)
     mine_every: int = 100  # re-mine hard_batches' neighbours with the model every N steps (one pass over the
     # cached training set; before the first, and for streamed data, lexical neighbours); 0: lexical only
@@ -171,6 +186,10 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] = ())
         raise UserError(
             f"hard_batches={cfg.hard_batches}, neighbours={cfg.neighbours}, mine_every={cfg.mine_every}: need "
             "0 <= hard_batches < 1, neighbours >= 1 and mine_every >= 0"
+        )
+    if not 0 <= cfg.twins < 1 or cfg.batch_size - round(cfg.twins * cfg.batch_size) < 2:
+        raise UserError(
+            f"twins={cfg.twins}: must be in [0, 1) and leave at least 2 rows of batch_size for the plan"
         )
     r = cfg.refine
     if r.steps < 0 or r.batch_size < 2 or r.max_pairs < 2 or r.lr <= 0 or r.max_cache_gb <= 0:

@@ -14,18 +14,21 @@ affords those steps. Each step takes B cached images with their captions and sco
 - each caption's relation replaced by its opposite (`negatives.relation_opposite`), ranked below the true caption
   (`matching.pairwise_rank_loss`) with a large weight;
 - one other rule-made false caption (attributes or head nouns swapped; `negatives.binding_candidates`), ranked
-  the same way with a small weight, so that attribute binding is kept while the direction is learned.
+  the same way with a small weight, so that attribute binding is kept while the direction is learned;
+- the caption's image ranked above its mirror twin (train/twins.py: flipped, so the relation points the other way)
+  for that caption, with a large weight: the image-side contrast that ordering images for one caption needs.
 
-Measured on the default model's frozen towers (held-out scenes, ITM preferring the truth over the twin; ITM
-weight 0.5 there): opposite relation 0.52 -> 0.90 after 400 steps and 0.93 after 500, colour swaps 0.89 -> 0.92,
-shape swaps 0.82 -> 0.80; without the binding term the direction is learned as fast but shape swaps fall to 0.75, and with both
-terms at equal weight the direction reaches only 0.68 in 500 steps. Ranking images as well (the caption's image
-over one captioned with its twin) kept the direction at chance for 650 steps, so only captions are ranked; the
-direction then carries less well to ordering images for a caption (0.78 on held-out twins, from 0.53).
-
-After a whole run (600 joint steps + 450 here, synth scenes, held-out gallery): binding 0.817 -> 0.913, but ITM
-re-ranking of the top 16 fell from 0.543 to 0.420 t2i R@1 (the ranked terms leave ITM's per-image offsets free),
-so the stage is opt-in (`refine.steps`). Only the fusion encoder changes; ITC retrieval (the towers) is untouched.
+Without the mirror term the stage learned to order captions for an image but not images for a caption: after 600
+joint steps + 450 here, binding 0.817 -> 0.913 while ITM re-ranking of the top 16 fell from 0.543 to 0.420 t2i
+R@1 (the ranked captions leave ITM's per-image offsets free), and ranking the caption's image over another image
+captioned with the twin (a different scene, not a mirror) kept the direction at chance for 650 steps. With the
+mirror the two differ in nothing but the direction. Measured (synth scenes, 720 joint steps, 1,000-image held-out
+gallery): the training accuracy on mirrors leads (0.80 after 430 steps, relations 0.64), both leave the saddle
+between 450 and 700 steps and pass 0.97 by 950; after 1500 steps held-out ITM prefers the truth over the reversed
+relation 0.977 of the time (0.512 before), colour swaps 0.985 (0.902), shape swaps 0.717 (0.830), and ITM
+re-ranking lifts t2i R@1 from 0.578 (contrastive) to 0.655 (0.536 before the stage); binding 0.817 -> 0.911.
+At 450 steps the same stage had not left the saddle (held-out reversed 0.64, re-ranked 0.418). Only the fusion
+encoder changes; ITC retrieval (the towers) is untouched.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from retrieval.models.fusion import itm_forward
 from retrieval.train.config import TrainConfig
 from retrieval.train.data import TrainData, normalize
 from retrieval.train.negatives import binding_candidates, relation_opposite
+from retrieval.train.twins import directional, mirror, mirror_pixels
 
 _CHUNK = 256  # images or texts per tower pass while filling the cache
 
@@ -111,6 +115,8 @@ class RefineCache:
             self._images(
                 model, data, torch.tensor(rows, dtype=torch.long), slots, preprocess, device, progress
             )
+            if rc.mirror_weight > 0:
+                self._mirrors(model, data, cfg.twins_vertical, preprocess, device)
             self._texts(model, data.tokenizer, texts, u, device, progress)
 
     def _images(self, model, data, rows: Tensor, slots: Tensor, preprocess, device, progress) -> None:
@@ -137,6 +143,31 @@ class RefineCache:
         self.caption_slot = slots[keep]  # (n,) rows of the caption table
         self.image_feat = torch.cat(feats)  # (n, D)
         self.image_tokens = torch.cat(states)  # (n, T, Wv)
+
+    def _mirrors(self, model, data, vertical: bool, preprocess, device) -> None:
+        """Token states of the mirror twin (train/twins.py) of every cached image whose caption names a
+        direction: the same scene with the relation reversed, an image-side false match for that caption."""
+        # (n,) each cached image's row in mirror_tokens, -1: none
+        self.mirror = torch.full((len(self.index),), -1, dtype=torch.long)
+        states: list[Tensor] = []
+        todo = [k for k, i in enumerate(self.index.tolist()) if directional(data.captions[i], vertical)]
+        done = 0
+        for start in range(0, len(todo), _CHUNK):
+            chunk, pixels = [], []
+            for k in todo[start : start + _CHUNK]:
+                i = int(self.index[k])
+                image = data.images[i]  # a streamed image is decoded again, and may fail this time
+                if image is not None:
+                    _, h, v = mirror(data.captions[i], vertical)
+                    pixels.append(mirror_pixels(image, h, v))
+                    chunk.append(k)
+            if not chunk:
+                continue
+            x = normalize(torch.stack(pixels), preprocess["mean"], preprocess["std"], device)
+            states.append(encode_image_tokens(model.clip, x)[1])  # (b, T, Wv)
+            self.mirror[torch.tensor(chunk)] = done + torch.arange(len(chunk))
+            done += len(chunk)
+        self.mirror_tokens = torch.cat(states) if states else self.image_tokens[:0]  # (m, T, Wv)
 
     def _texts(self, model, tokenizer, texts: list[str], n_captions: int, device, progress) -> None:
         tokens = tokenizer(texts)  # (M, L)
@@ -204,6 +235,7 @@ def refine_fusion(
             "itm": rc.itm_weight,
             "rank_relation": rc.relation_weight,
             "rank_binding": rc.binding_weight,
+            "rank_mirror": rc.mirror_weight,
         }
         bar = tqdm(total=rc.steps, desc="refine ITM", unit="step", file=sys.stderr, disable=not progress)
         window: dict[str, float] = {}
@@ -248,6 +280,14 @@ def _step(fusion, cache: RefineCache, data: TrainData, cfg: TrainConfig, batch: 
         "relation": (twin[has_twin], rows_b[has_twin], rows_b[has_twin]),
         "binding": (other[has_other], rows_b[has_other], rows_b[has_other]),
     }
+    image_tokens = cache.image_tokens[pick]  # (B, T, Wv)
+    if cfg.refine.mirror_weight > 0:
+        twin_image = cache.mirror[pick]  # (B,) -1: no mirror twin
+        has_mirror = twin_image >= 0
+        mirrors = cache.mirror_tokens[twin_image[has_mirror]]  # (m, T, Wv)
+        image_tokens = torch.cat([image_tokens, mirrors])  # (B + m, T, Wv)
+        mirrored = batch + torch.arange(int(has_mirror.sum()))  # (m,) their rows in image_tokens
+        groups["mirror"] = (slots[has_mirror], mirrored, rows_b[has_mirror])
     groups = {name: group for name, group in groups.items() if len(group[0])}
     used = torch.cat([slots, *(r for r, _, _ in groups.values())])
     length = int(cache.text_mask[used].any(dim=0).nonzero().max()) + 1  # longest of this batch's texts
@@ -263,7 +303,7 @@ def _step(fusion, cache: RefineCache, data: TrainData, cfg: TrainConfig, batch: 
         return itm_forward(
             fusion,
             *texts(slots),
-            cache.image_tokens[pick],
+            image_tokens,
             sim,
             sim.T,
             same_id_mask(ids, ids),

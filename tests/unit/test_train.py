@@ -142,6 +142,7 @@ def test_refine_stage_trains_only_the_fusion_and_a_resume_redoes_an_unfinished_o
     stage = [r for r in log if r.get("stage") == "refine"]
     assert len(stage) == 3 and all({"itm", "itm_acc", "loss"} <= r.keys() for r in stage)
     assert any("rank_relation" in r or "rank_binding" in r for r in stage)
+    assert any("rank_mirror" in r for r in stage)  # mirror twins of the directional captions, ranked
     config = json.loads((tmp_path / "refined" / "config.json").read_text())
     assert config["training"]["refined"] is True and config["training"]["step"] == 4
 
