@@ -104,6 +104,10 @@ def search(
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="JSON list on stdout, nothing else")] = False,
     html: Annotated[Path | None, typer.Option("--html", help="Write an HTML contact sheet here")] = None,
+    rerank: Annotated[
+        int,
+        typer.Option("--rerank", min=0, help="Re-order the top K by the checkpoint's ITM head (0: off)"),
+    ] = 0,
     model: Annotated[str | None, typer.Option("--model", help="Must be the collection's model")] = None,
     pretrained: PretrainedOpt = "none",
     checkpoint: CheckpointOpt = None,
@@ -116,7 +120,7 @@ def search(
     cfg = None
     if model or checkpoint:
         cfg = encoder_config(model or "ViT-B-32", pretrained, checkpoint, seed, device)
-    hits = search_pipeline.search(db, query, str(image) if image else None, k, cfg, device)
+    hits = search_pipeline.search(db, query, str(image) if image else None, k, cfg, device, rerank)
     if html:
         from retrieval.pipelines.contact_sheet import write_contact_sheet
 

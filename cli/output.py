@@ -13,7 +13,7 @@ err = Console(stderr=True)
 
 
 def hit_dict(hit: dict[str, Any]) -> dict[str, Any]:
-    keys = ("path", "score", "width", "height", "size")
+    keys = ("path", "score", "itm", "rerank", "width", "height", "size")
     return {k: hit[k] for k in keys if k in hit}
 
 
@@ -24,9 +24,13 @@ def print_hits(hits: list[dict[str, Any]]) -> None:
     table = Table(show_edge=False)
     table.add_column("#", justify="right")
     table.add_column("score", justify="right")
+    itm = any("itm" in h for h in hits)
+    if itm:
+        table.add_column("itm", justify="right")
     table.add_column("path", overflow="fold")
     for rank, hit in enumerate(hits, 1):
-        table.add_row(str(rank), f"{hit['score']:.4f}", hit["path"])
+        match = [f"{hit['itm']:.4f}" if "itm" in hit else "-"] if itm else []
+        table.add_row(str(rank), f"{hit['score']:.4f}", *match, hit["path"])
     out.print(table)
 
 

@@ -23,7 +23,7 @@ from retrieval.data.images import ImageDecodeError, load_for_model
 from retrieval.data.pairs import Pair
 from retrieval.data.synth import caption_for, hard_negative_captions, parse_caption, scene_key
 from retrieval.errors import UserError
-from retrieval.eval.metrics import binding_accuracy, recall_at_k, rerank_top_k
+from retrieval.eval.metrics import binding_accuracy, recall_at_k, rerank_score, rerank_top_k
 from retrieval.models.albef import PAD_ID, AlbefModel, encode_image_tokens, encode_text_tokens, itm_match_prob
 from retrieval.train.data import normalize
 
@@ -84,7 +84,9 @@ def evaluate(
     tokenizer: Tokenizer,
     device: torch.device,
 ) -> Report:
-    """Recall@{1,5,10} image->text ("i2t.R@1") and text->image ("t2i.R@1"), "rerank.*" with cfg.rerank_k,
+    """Recall@{1,5,10} image->text ("i2t.R@1") and text->image ("t2i.R@1"); with cfg.rerank_k the same after the
+    top K are re-ranked by `metrics.rerank_score` ("rerank.*": ITC logit + ITM log-odds) and by ITM alone
+    ("rerank_itm.*"),
     "binding" (ITM) and "binding.itc" on synth rows, and the counts "n_images", "n_texts", "skipped_images".
 
     Images that fail to decode are skipped and counted. The model is put in eval mode and restored afterwards.
@@ -128,10 +130,20 @@ def _evaluate(model, pairs, cfg: EvalConfig, image_size, mean, std, tokenizer, d
     result.update(_prefixed("t2i", recall_at_k(sim, positive)))
     if cfg.rerank_k > 0:
         assert itm is not None
-        reranked = rerank_top_k(sim.T, cfg.rerank_k, lambda image, text: itm(text, image))  # (I, T)
-        result.update(_prefixed("rerank.i2t", recall_at_k(reranked, positive.T)))
-        reranked = rerank_top_k(sim, cfg.rerank_k, itm)  # (T, I)
-        result.update(_prefixed("rerank.t2i", recall_at_k(reranked, positive)))
+        scale = float(model.logit_scale.exp())
+        cpu = sim.cpu()  # (T, I)
+
+        def fused(text: Tensor, image: Tensor) -> Tensor:
+            return rerank_score(cpu[text.cpu(), image.cpu()], itm(text, image), scale)
+
+        # "rerank": by rerank_score (ITC logit + ITM log-odds); "rerank_itm": by ITM alone, as ALBEF does
+        for name, score in (("rerank", fused), ("rerank_itm", itm)):
+            reranked = rerank_top_k(
+                sim.T, cfg.rerank_k, lambda image, text, f=score: f(text, image)
+            )  # (I, T)
+            result.update(_prefixed(f"{name}.i2t", recall_at_k(reranked, positive.T)))
+            reranked = rerank_top_k(sim, cfg.rerank_k, score)  # (T, I)
+            result.update(_prefixed(f"{name}.t2i", recall_at_k(reranked, positive)))
     if binding and any(negatives):
         assert itm is not None
         index = {c: j for j, c in enumerate(captions)}

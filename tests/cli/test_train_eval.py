@@ -1,6 +1,7 @@
 """The training commands end to end: data synth -> train -> eval / index / search, kill -9 + --resume, torchrun."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -44,7 +45,15 @@ def test_train_eval_index_search(scenes, tmp_path):
     result = run_cli("eval", scenes / "heldout.jsonl", "--checkpoint", ck, "--rerank", "4", "--json")
     assert result.returncode == 0, result.stderr
     metrics = json.loads(result.stdout)
-    for key in ("t2i.R@1", "t2i.R@5", "i2t.R@1", "rerank.t2i.R@1", "binding", "binding.itc"):
+    for key in (
+        "t2i.R@1",
+        "t2i.R@5",
+        "i2t.R@1",
+        "rerank.t2i.R@1",
+        "rerank_itm.t2i.R@1",
+        "binding",
+        "binding.itc",
+    ):
         assert 0.0 <= metrics[key] <= 1.0, key
     db = tmp_path / "db"
     assert (
@@ -52,6 +61,22 @@ def test_train_eval_index_search(scenes, tmp_path):
     )
     hits = json.loads(run_cli("search", "a large red circle", "--db", db, "-k", "3", "--json").stdout)
     assert len(hits) == 3 and all(os.path.exists(h["path"]) for h in hits)
+    # --rerank re-orders the index's top K by the collection's own checkpoint's ITM head
+    plain = json.loads(run_cli("search", "a large red circle", "--db", db, "-k", "6", "--json").stdout)
+    result = run_cli("search", "a large red circle", "--db", db, "-k", "6", "--rerank", "6", "--json")
+    assert result.returncode == 0, result.stderr
+    reranked = json.loads(result.stdout)
+    assert {h["path"] for h in reranked} == {h["path"] for h in plain}
+    fused = [h["rerank"] for h in reranked]
+    assert fused == sorted(fused, reverse=True) and all(0.0 <= h["itm"] <= 1.0 for h in reranked)
+    # the score sorted by is the contrastive logit (one scale for all hits) plus the ITM log-odds
+    clipped = [min(max(h["itm"], 1e-6), 1 - 1e-6) for h in reranked]
+    scales = [
+        (h["rerank"] - math.log(p / (1 - p))) / h["score"] for h, p in zip(reranked, clipped, strict=True)
+    ]
+    assert max(scales) - min(scales) < 1e-2 * max(abs(x) for x in scales)
+    bad = run_cli("search", "red + circle", "--db", db, "--rerank", "4")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "plain text" in bad.stderr
 
 
 def test_bad_training_input_is_one_line_exit_2(scenes, tmp_path):

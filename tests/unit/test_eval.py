@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import shutil
 from pathlib import Path
@@ -26,7 +27,7 @@ from retrieval.data.synth import (
 from retrieval.errors import UserError
 from retrieval.eval import evaluate as evaluate_module
 from retrieval.eval.evaluate import EvalConfig, evaluate
-from retrieval.eval.metrics import binding_accuracy, recall_at_k, rerank_top_k
+from retrieval.eval.metrics import binding_accuracy, recall_at_k, rerank_score, rerank_top_k
 from retrieval.models.albef import AlbefModel, itm_match_prob
 from retrieval.models.fusion import FusionConfig
 
@@ -66,6 +67,18 @@ def test_recall_ties_count_against_the_query() -> None:
 
 
 # --- rerank_top_k -------------------------------------------------------------------------------------------
+
+
+def test_rerank_score_adds_the_contrastive_logit_and_the_itm_log_odds() -> None:
+    cosine = torch.tensor([0.5, 0.5, 0.2, 0.9])
+    prob = torch.tensor([0.5, 0.9, 0.9, 0.0])
+    got = rerank_score(cosine, prob, logit_scale=20.0)
+    assert torch.allclose(got[:3], torch.tensor([10.0, 10.0 + math.log(9), 4.0 + math.log(9)]))
+    assert torch.isfinite(got[3]) and got[3] < 18.0 - 13.0  # a saturated "no" is a large finite penalty
+    # ITM can overturn the contrastive order, and the contrastive logit can overturn ITM
+    assert got[1] > got[0] and got[1] > got[2]
+    with pytest.raises(ValueError, match="one shape"):
+        rerank_score(cosine, prob[:2], 20.0)
 
 
 def test_rerank_reorders_only_the_top_k_which_stay_first() -> None:
