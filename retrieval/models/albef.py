@@ -134,18 +134,26 @@ def itm_match_prob(
 
 def load_albef(directory) -> tuple[AlbefModel, str]:
     """A trained checkpoint with a fusion/ITM component -> (AlbefModel on the CPU, architecture)."""
+    from retrieval.models.checkpoint import load_dual_encoder
+
+    clip, arch, _ = load_dual_encoder(directory)
+    return with_fusion(directory, clip), arch
+
+
+def with_fusion(directory, clip: nn.Module) -> AlbefModel:
+    """The checkpoint's fusion/ITM component on top of its dual encoder `clip`, already loaded (e.g. by the
+    encoder a search uses), so the towers are not read from disk twice."""
     from retrieval.config import from_dict
     from retrieval.errors import UserError
-    from retrieval.models.checkpoint import load_component, load_dual_encoder, read_config
+    from retrieval.models.checkpoint import load_component, read_config
 
     config = read_config(directory)
     if "fusion" not in config.get("components", {}):
         raise UserError(
             f"{directory}: this checkpoint has no ITM head (fusion); train with objectives.itm=true"
         )
-    clip, arch, _ = load_dual_encoder(directory)
     # checkpoints written before an option existed behave as then: first-token readout, no image positions
     fusion = {"readout": "first", "image_positions": False, **config.get("fusion", {})}
     model = AlbefModel(clip, from_dict(FusionConfig, fusion, "fusion"))
     load_component(directory, "fusion", model.fusion)
-    return model.eval(), arch
+    return model.eval()

@@ -64,16 +64,15 @@ def rerank_hits(
     fused = rerank_score(cosine, probs, float(model.logit_scale.exp()))  # (K,)
     order = rerank_top_k(cosine[None], n, lambda _, image: fused[image]).argsort(dim=1, descending=True)[0]
     ranked = [
-        {**readable[int(i)], "itm": float(probs[int(i)]), "rerank": float(fused[int(i)])}
-        for i in order
+        {**readable[int(i)], "itm": float(probs[int(i)]), "rerank": float(fused[int(i)])} for i in order
     ]
     return ranked + unreadable + rest, len(unreadable)
 
 
 def rerank_text(query: str | None, image: str | None) -> str:
+    """The one text ITM can score: a plain text query (no arithmetic, no image)."""
     from retrieval.pipelines.search import parse_query  # search imports this module
 
-    """The one text ITM can score: a plain text query (no arithmetic, no image)."""
     if image or not query:
         raise UserError("--rerank needs a text query: ITM scores a caption against each image")
     terms = parse_query(query)
@@ -82,14 +81,10 @@ def rerank_text(query: str | None, image: str | None) -> str:
     return terms[0].text
 
 
-def load_reranker(checkpoint: str | os.PathLike | None, collection_checkpoint: str | None):
-    """(AlbefModel, tokenizer) from --checkpoint, or the checkpoint the collection was built with."""
-    import open_clip
+def load_reranker(checkpoint: str | os.PathLike | None, clip: torch.nn.Module) -> AlbefModel:
+    """The ITM model of `checkpoint` (the one the search encoder was loaded from) on that encoder's towers."""
+    from retrieval.models.albef import with_fusion
 
-    from retrieval.models.albef import load_albef
-
-    source = checkpoint or collection_checkpoint
-    if not source:
+    if not checkpoint:
         raise UserError("--rerank needs a trained checkpoint with an ITM head: pass --checkpoint DIR")
-    model, arch = load_albef(source)
-    return model, open_clip.get_tokenizer(arch)
+    return with_fusion(checkpoint, clip)

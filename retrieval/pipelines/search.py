@@ -105,8 +105,8 @@ def search(
     rerank: int = 0,
 ) -> list[dict[str, Any]]:
     """Top-k rows (path, score, width, height, ...) best first. rerank=K: the index's top max(K, k) with the
-    first K re-ordered by the ITM head of the checkpoint (encoder_cfg's, else the collection's), each given an
-    "itm" match probability (pipelines/rerank.py)."""
+    first K re-ordered by the ITM head of the checkpoint (encoder_cfg's, else the collection's), each given its
+    "itm" match probability and "rerank" score (pipelines/rerank.py)."""
     if k < 1:
         raise UserError(f"-k {k}: must be at least 1")
     if rerank < 0:
@@ -114,7 +114,8 @@ def search(
     text = rerank_text(query, image) if rerank else None
     collection = Collection.open(db)
     if encoder_cfg is None:
-        encoder = load_encoder(encoder_config_for(collection, device))
+        encoder_cfg = encoder_config_for(collection, device)
+        encoder = load_encoder(encoder_cfg)
     else:
         encoder = load_encoder(encoder_cfg)
         check_model(db, collection.model, encoder.identity)
@@ -126,9 +127,8 @@ def search(
     hits = collection.search(query_vector(encoder, terms)[None], max(k, rerank))[0]
     if not rerank:
         return hits
-    checkpoint = encoder_cfg.checkpoint if encoder_cfg is not None else None
-    model, tokenizer = load_reranker(checkpoint, (collection.model.get("source") or {}).get("checkpoint"))
-    hits, unreadable = rerank_hits(hits, text, model.to(encoder.device), tokenizer, rerank, encoder.device)
+    model = load_reranker(encoder_cfg.checkpoint, encoder.model).to(encoder.device)
+    hits, unreadable = rerank_hits(hits, text, model, encoder.tokenizer, rerank, encoder.device)
     if unreadable:
         print(
             f"re-ranking: {unreadable} image(s) could not be read again; kept in index order", file=sys.stderr
