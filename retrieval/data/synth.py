@@ -121,16 +121,24 @@ def hard_negative_captions(
     with rng). Built from the structured fields, so a noisy row still gets negatives of its image. Captions with a
     (colour, shape) in `avoid` are left out: pass HELDOUT_COMBOS when training so negatives do not leak them.
     """
+    return [caption for _, caption in hard_negatives(row, rng, avoid)]
+
+
+def hard_negatives(
+    row: dict[str, Any], rng: random.Random | None = None, avoid: Iterable[tuple[str, str]] = ()
+) -> list[tuple[str, str]]:
+    """hard_negative_captions with the kind of each: (kind, caption), kind one of ATTRIBUTES (the attribute
+    swapped or changed) or "relation" (the relation reversed)."""
     objects, relation = row["objects"], row.get("relation")
     avoid = set(avoid)
-    variants: list[tuple[list[dict[str, str]], str | None]] = []
+    variants: list[tuple[str, list[dict[str, str]], str | None]] = []
     if len(objects) == 2:
         for attr in ATTRIBUTES:
             if objects[0][attr] != objects[1][attr]:
                 a, b = dict(objects[0]), dict(objects[1])
                 a[attr], b[attr] = b[attr], a[attr]
-                variants.append(([a, b], relation))
-        variants.append((list(objects), REVERSED[relation]))
+                variants.append((attr, [a, b], relation))
+        variants.append(("relation", list(objects), REVERSED[relation]))
     else:
         for attr in ATTRIBUTES:
             values = _ALL_VALUES[attr]
@@ -143,9 +151,9 @@ def hard_negative_captions(
             for value in others:
                 changed = [{**objects[0], attr: value}]
                 if not _has_combo(changed, avoid):
-                    variants.append((changed, None))
+                    variants.append((attr, changed, None))
                     break
-    return [caption_for(o, r) for o, r in variants if not _has_combo(o, avoid)]
+    return [(kind, caption_for(o, r)) for kind, o, r in variants if not _has_combo(o, avoid)]
 
 
 def swap_attributes(

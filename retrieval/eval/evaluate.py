@@ -21,7 +21,7 @@ from torch import Tensor
 
 from retrieval.data.images import ImageDecodeError, load_for_model
 from retrieval.data.pairs import Pair
-from retrieval.data.synth import caption_for, hard_negative_captions, parse_caption, scene_key
+from retrieval.data.synth import caption_for, hard_negatives, parse_caption, scene_key
 from retrieval.errors import UserError
 from retrieval.eval.metrics import binding_accuracy, recall_at_k, rerank_score, rerank_top_k
 from retrieval.models.albef import PAD_ID, AlbefModel, encode_image_tokens, encode_text_tokens, itm_match_prob
@@ -86,8 +86,8 @@ def evaluate(
 ) -> Report:
     """Recall@{1,5,10} image->text ("i2t.R@1") and text->image ("t2i.R@1"); with cfg.rerank_k the same after the
     top K are re-ranked by `metrics.rerank_score` ("rerank.*": ITC logit + ITM log-odds) and by ITM alone
-    ("rerank_itm.*"),
-    "binding" (ITM) and "binding.itc" on synth rows, and the counts "n_images", "n_texts", "skipped_images".
+    ("rerank_itm.*"), on synth rows "binding" (ITM) and "binding.itc" with the same per kind of false caption
+    ("binding.relation", "binding.itc.color", ...), and the counts "n_images", "n_texts", "skipped_images".
 
     Images that fail to decode are skipped and counted. The model is put in eval mode and restored afterwards.
     """
@@ -114,7 +114,7 @@ def _evaluate(model, pairs, cfg: EvalConfig, image_size, mean, std, tokenizer, d
 
     queries, positive = _queries(pairs, {p.key: i for i, p in enumerate(gallery)})
     positive = positive.to(device)  # (T, I)
-    rows, truths, negatives = _binding_captions(gallery, cfg.seed) if binding else ([], [], [])
+    rows, truths, negatives, kinds = _binding_captions(gallery, cfg.seed) if binding else ([], [], [], [])
     # One text table: queries first (index t is query t), then binding captions not already among them.
     captions = list(dict.fromkeys([*queries, *truths, *(c for negs in negatives for c in negs)]))
     texts = _encode_texts(model, tokenizer, captions, device, cfg.batch_size, fused)
@@ -148,7 +148,7 @@ def _evaluate(model, pairs, cfg: EvalConfig, image_size, mean, std, tokenizer, d
         assert itm is not None
         index = {c: j for j, c in enumerate(captions)}
         neg_idx = [[index[c] for c in negs] for negs in negatives]
-        result.update(_binding(itm, texts, images, rows, [index[c] for c in truths], neg_idx))
+        result.update(_binding(itm, texts, images, rows, [index[c] for c in truths], neg_idx, kinds))
     return result
 
 
@@ -277,23 +277,28 @@ class _PairScorer:
         return torch.cat(out)[by_length.argsort()]  # (P,) back in the order asked for
 
 
-def _binding_captions(gallery: list[Pair], seed: int) -> tuple[list[int], list[str], list[list[str]]]:
-    """For each synth image: (its gallery index, its true caption, its hard negative captions)."""
+def _binding_captions(
+    gallery: list[Pair], seed: int
+) -> tuple[list[int], list[str], list[list[str]], list[list[str]]]:
+    """For each synth image: its gallery index, its true caption, its hard negative captions and their kinds."""
     rng = random.Random(seed)
     rows: list[int] = []
     truths: list[str] = []
     negatives: list[list[str]] = []
+    kinds: list[list[str]] = []
     for i, pair in enumerate(gallery):
         if "objects" not in pair.extra:
             continue
         try:
             # From the structure, not the caption: a noisy row's caption is not its image's truth.
             truths.append(caption_for(pair.extra["objects"], pair.extra.get("relation")))
-            negatives.append(hard_negative_captions(pair.extra, rng))
+            found = hard_negatives(pair.extra, rng)
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{pair.key}: its objects/relation columns are not a synth scene ({e})") from e
+        negatives.append([caption for _, caption in found])
+        kinds.append([kind for kind, _ in found])
         rows.append(i)
-    return rows, truths, negatives
+    return rows, truths, negatives, kinds
 
 
 def _binding(
@@ -303,8 +308,10 @@ def _binding(
     rows: list[int],
     truths: list[int],
     negatives: list[list[int]],
+    kinds: list[list[str]],
 ) -> dict[str, float]:
-    """Image rows[r] with text truths[r] vs texts negatives[r], by ITM ("binding") and ITC ("binding.itc")."""
+    """Image rows[r] with text truths[r] vs texts negatives[r] (of kinds[r]), by ITM ("binding") and ITC
+    ("binding.itc"), and by each per kind of negative ("binding.relation", "binding.itc.relation", ...)."""
     neg_idx = torch.full((len(rows), max(map(len, negatives))), -1, dtype=torch.long)  # (R, M), -1: none
     for r, negs in enumerate(negatives):
         neg_idx[r, : len(negs)] = torch.tensor(negs, dtype=torch.long)
@@ -321,7 +328,16 @@ def _binding(
         padded[present] = scores[len(rows) :]
         return scores[: len(rows)], padded
 
-    return {
-        "binding": binding_accuracy(*split(itm(text_all, image_all))),
-        "binding.itc": binding_accuracy(*split(itc)),
-    }
+    kind_of = torch.full(neg_idx.shape, -1, dtype=torch.long)  # (R, M) index into names, -1: none
+    names = sorted({kind for ks in kinds for kind in ks})
+    for r, ks in enumerate(kinds):
+        kind_of[r, : len(ks)] = torch.tensor([names.index(k) for k in ks], dtype=torch.long)
+    result: dict[str, float] = {}
+    for name, scores in (("binding", itm(text_all, image_all)), ("binding.itc", itc)):
+        truth, negative = split(scores)
+        result[name] = binding_accuracy(truth, negative)
+        for k, kind in enumerate(names):
+            result[f"{name}.{kind}"] = binding_accuracy(
+                truth, negative.masked_fill(kind_of != k, float("nan"))
+            )
+    return result

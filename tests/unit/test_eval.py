@@ -20,7 +20,7 @@ from retrieval.data.synth import (
     SynthConfig,
     caption_for,
     generate,
-    hard_negative_captions,
+    hard_negatives,
     parse_caption,
     scene_key,
 )
@@ -235,24 +235,33 @@ def test_binding_matches_a_direct_computation(heldout: list[Pair]) -> None:
     result = run(model, heldout, cfg)
     tokenizer = open_clip.get_tokenizer("test-micro")
     rng = random.Random(cfg.seed)  # evaluate draws the negatives image by image in gallery order, as here
-    itm, itc = [], []
+    itm, itc, kinds = [], [], []
     with torch.inference_mode():
         for p in heldout:
             truth = caption_for(p.extra["objects"], p.extra["relation"])
-            captions = [truth, *hard_negative_captions(p.extra, rng)]
+            found = hard_negatives(p.extra, rng)
+            captions = [truth, *(caption for _, caption in found)]
+            kinds.append(["truth", *(kind for kind, _ in found)])
             pixels = torch.from_numpy(load_for_model(p.image, 32)[0]).permute(2, 0, 1)  # (3, S, S)
             x = ((pixels.float() / 255 - 0.5) / 0.25).expand(len(captions), -1, -1, -1)  # (C, 3, S, S)
             enc = model.encode(x, tokenizer(captions))
             itm.append(itm_match_prob(model, enc.text_tokens, enc.text_mask, enc.image_tokens))  # (C,)
             itc.append((enc.image_feat * enc.text_feat).sum(-1))  # (C,)
 
-    def split(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def split(rows: list[torch.Tensor], kind: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        # with a kind, the other kinds' negatives are left out (NaN)
+        other = [torch.tensor([kind is not None and k not in (kind, "truth") for k in ks]) for ks in kinds]
+        rows = [r.masked_fill(o, float("nan")) for r, o in zip(rows, other, strict=True)]
         m = max(len(r) for r in rows) - 1
         negatives = [torch.nn.functional.pad(r[1:], (0, m - len(r) + 1), value=float("nan")) for r in rows]
         return torch.stack([r[0] for r in rows]), torch.stack(negatives)  # (N,), (N, M)
 
     assert result["binding"] == pytest.approx(binding_accuracy(*split(itm)), abs=1e-9)
     assert result["binding.itc"] == pytest.approx(binding_accuracy(*split(itc)), abs=1e-9)
+    assert {k for ks in kinds for k in ks[1:]} == {"color", "shape", "size", "relation"}
+    for kind in ("color", "shape", "size", "relation"):  # each kind of false caption on its own
+        assert result[f"binding.{kind}"] == pytest.approx(binding_accuracy(*split(itm, kind)), abs=1e-9)
+        assert result[f"binding.itc.{kind}"] == pytest.approx(binding_accuracy(*split(itc, kind)), abs=1e-9)
 
 
 def test_itm_scorer_trims_padding_and_caches_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
