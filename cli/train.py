@@ -24,7 +24,10 @@ def train(
         list[str] | None, typer.Option("--set", help="Override: key=value, e.g. objectives.negatives=random")
     ] = None,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue the run in --out where it stopped")
+        bool,
+        typer.Option(
+            "--resume", help="Continue the run in --out where it stopped, with its own config unless --config"
+        ),
     ] = False,
     stop_after: Annotated[
         int | None, typer.Option("--stop-after", min=1, help="Stop after this step (resume later)")
@@ -35,6 +38,9 @@ def train(
     from retrieval.train.config import load_train_config
     from retrieval.train.loop import train as run
 
+    saved = out / "train_config.json"
+    if resume and config is None and saved.exists():
+        config = saved  # the run's own settings; --set still overrides (e.g. a longer refine.steps)
     cfg = load_train_config(config, set_ or [])
     result = run(str(pairs), out, cfg, resume=resume, progress=not quiet, stop_after=stop_after)
     typer.echo(f"checkpoint: {result['out']} (step {result['steps']})", err=True)

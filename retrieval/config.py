@@ -48,6 +48,8 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
         hint = hints[name]
         if dataclasses.is_dataclass(hint) and isinstance(value, dict):
             value = from_dict(hint, value, f"{where}.{name}")
+        elif typing.get_origin(hint) is tuple and isinstance(value, list):
+            value = tuple(value)  # JSON has no tuples: a saved config's (0.9, 0.98) comes back as a list
         kwargs[name] = value
     return cls(**kwargs)
 

@@ -106,7 +106,8 @@ def test_kill_9_then_resume_ends_at_the_same_step_with_a_continuous_log(scenes, 
     killed_at = len((ck / "log.jsonl").read_text().splitlines())
     assert killed_at < 400
 
-    result = run_cli(*args, "--resume", "--stop-after", "60")
+    # no --set: a resumed run takes its own saved config (the default one would not fit its state)
+    result = run_cli("train", scenes / "train.jsonl", "--out", ck, "-q", "--resume", "--stop-after", "60")
     assert result.returncode == 0, result.stderr
     steps = [json.loads(line)["step"] for line in (ck / "log.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 61))  # no gap, no duplicate where it was killed
