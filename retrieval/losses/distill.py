@@ -150,3 +150,47 @@ def distilled_clip_loss(
         "sim_i2t": sim_i2t[:, :b].detach(),  # (B, B)
         "sim_t2i": sim_t2i[:, :b].detach(),  # (B, B)
     }
+
+
+@torch.no_grad()
+def match_belief(
+    image_feat: Tensor,
+    text_feat: Tensor,
+    caption: Tensor,
+    scale: float | Tensor,
+    negatives: int,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The momentum model's belief that each training pair matches, as ALBEF's soft ITC targets give it.
+
+    image_feat (N, D) and text_feat (U, D) L2-normalised momentum features; caption (N,) long, each image's row of
+    text_feat (pairs that share a caption share the row). Per pair, the soft target of its own caption among it and
+    `negatives` other captions drawn at random (softmax of scale * cosine), and the same for its own image among it
+    and `negatives` images of other captions; the belief is the mean of the two, in (0, 1]. A true pair scores
+    near 1 when the model tells it from random others; a caption written for another image scores near
+    1 / (negatives + 1). Returns (N,) float.
+    """
+    n, u = len(image_feat), len(text_feat)
+    if caption.shape != (n,) or n < 2 or u < 2 or negatives < 1:
+        raise ValueError(
+            f"need image_feat (N, D), caption (N,), N >= 2, U >= 2 and negatives >= 1; got {tuple(image_feat.shape)}, "
+            f"{tuple(caption.shape)}, U={u}, negatives={negatives}"
+        )
+    # other captions: a uniform draw over the U - 1 rows that are not the pair's own
+    shift = torch.randint(1, u, (n, negatives), generator=generator, device="cpu").to(caption.device)
+    other_text = (caption.unsqueeze(1) + shift) % u  # (N, K)
+    own = (image_feat * text_feat[caption]).sum(-1, keepdim=True)  # (N, 1)
+    to_texts = torch.einsum("nd,nkd->nk", image_feat, text_feat[other_text])  # (N, K)
+    i2t = torch.cat([own, to_texts], 1).mul(scale).softmax(-1)[:, 0]  # (N,)
+    # other images: uniform draws, redrawn where they share the pair's caption (a positive, not a negative)
+    other_image = torch.randint(0, n, (n, negatives), generator=generator, device="cpu").to(caption.device)
+    for _ in range(8):
+        same = caption[other_image] == caption.unsqueeze(1)  # (N, K)
+        if not same.any():
+            break
+        redraw = torch.randint(0, n, (int(same.sum()),), generator=generator, device="cpu").to(caption.device)
+        other_image[same] = redraw
+    to_images = torch.einsum("nd,nkd->nk", text_feat[caption], image_feat[other_image])  # (N, K)
+    to_images = to_images.masked_fill(caption[other_image] == caption.unsqueeze(1), float("-inf"))
+    t2i = torch.cat([own, to_images], 1).mul(scale).softmax(-1)[:, 0]  # (N,)
+    return (i2t + t2i) / 2

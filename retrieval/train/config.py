@@ -77,6 +77,9 @@ class RefineConfig:
     mirror_weight: float = 4.0  # the caption's image ranked over its mirror twin (train/twins.py) for that
     # caption: the image-side contrast that re-ranking images for a caption needs, and the term that leads the
     # escape from the saddle (training accuracy 0.80 at 430 steps, relation 0.64); 0: not cached or ranked
+    teacher_sampling: bool = True  # with objectives.distill, pairs are drawn in proportion to the momentum
+    # model's belief that they match (losses/distill.py match_belief), not uniformly: ALBEF's pseudo-targets,
+    # applied to which captions the stage takes at their word
     max_pairs: int = 8192  # training images whose frozen token states are cached for the stage
     max_cache_gb: float = 1.0  # fewer images are cached when their token states would exceed this
 

@@ -295,7 +295,9 @@ def train(
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-        refine_fusion(model, data, cfg, preprocess, device, amp, log, progress)
+        # with distillation the momentum model also judges which pairs the stage learns from (refine.py)
+        teacher = task.momentum_model if cfg.refine.teacher_sampling else None
+        refine_fusion(model, data, cfg, preprocess, device, amp, log, progress, teacher)
         if eval_pairs is not None:
             metrics = _evaluate(model, eval_pairs, cfg, image_size, preprocess, arch, device)
             log(

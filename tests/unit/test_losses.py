@@ -20,7 +20,7 @@ from retrieval.losses.contrastive import (
     gather_ids,
     local_block,
 )
-from retrieval.losses.distill import FeatureQueue, distilled_clip_loss, momentum_update
+from retrieval.losses.distill import FeatureQueue, distilled_clip_loss, match_belief, momentum_update
 from retrieval.losses.matching import itm_loss, pairwise_rank_loss
 from retrieval.losses.mining import same_id_mask, sample_negatives
 
@@ -425,3 +425,27 @@ def test_distilled_loss_uses_queue_ids_and_momentum_targets() -> None:
     assert img.grad is not None and torch.isfinite(img.grad).all()
     with pytest.raises(ValueError, match="non-negative"):
         distilled_clip_loss(img, txt, m_img, m_txt, q, scale, alpha, torch.tensor([-1, 0, 1]))
+
+
+def test_match_belief_separates_true_pairs_from_captions_of_other_images() -> None:
+    g = torch.Generator().manual_seed(0)
+    u, d = 200, 256
+    text = F.normalize(torch.randn(u, d, generator=g), dim=-1)  # (U, D)
+    caption = torch.arange(u).repeat(2)  # (N=400,): every caption has two images
+    jitter = F.normalize(torch.randn(2 * u, d, generator=g), dim=-1)  # (N, D)
+    image = F.normalize(text[caption] + 0.5 * jitter, dim=-1)  # (N, D), cosine ~0.9 with its caption
+    noisy = torch.zeros(2 * u, dtype=torch.bool)
+    noisy[::5] = True  # a fifth of the pairs carry another image's caption
+    written = torch.where(noisy, (caption + 7) % u, caption)
+    belief = match_belief(image, text, written, scale=20.0, negatives=15, generator=g)
+    assert belief.shape == (2 * u,) and bool(((belief > 0) & (belief <= 1)).all())
+    assert belief[~noisy].min() > belief[noisy].max()  # every true pair above every false one
+    assert belief[~noisy].mean() > 0.9 and belief[noisy].mean() < 0.1
+    # the other image of a pair's own caption is never a negative: pairs of two identical images stay sure
+    twins = match_belief(text[caption], text, caption, scale=20.0, negatives=15, generator=g)
+    assert twins.min() > 0.9
+    # seeded: the same generator state, the same beliefs
+    a = match_belief(image, text, written, 20.0, 15, torch.Generator().manual_seed(3))
+    assert torch.equal(a, match_belief(image, text, written, 20.0, 15, torch.Generator().manual_seed(3)))
+    with pytest.raises(ValueError, match="negatives >= 1"):
+        match_belief(image, text, written, 20.0, 0)

@@ -8,6 +8,7 @@ from retrieval.data.synth import SynthConfig, generate
 from retrieval.errors import UserError
 from retrieval.train.config import load_train_config
 from retrieval.train.loop import train
+from retrieval.train.refine import RefineCache
 
 TINY = [
     "model.arch=test-micro",
@@ -158,3 +159,28 @@ def test_refine_stage_trains_only_the_fusion_and_a_resume_redoes_an_unfinished_o
     assert (tmp_path / "joint" / "log.jsonl").read_text() == lines
     for k, v in _weights(tmp_path / "joint").items():
         torch.testing.assert_close(v, after[k], rtol=0, atol=0, msg=k)
+
+
+def test_with_distillation_the_refine_stage_draws_pairs_by_the_momentum_models_belief(tmp_path):
+    generate(tmp_path / "noisy", SynthConfig(n=80, image_size=48, noise=0.5), progress=False)
+    data = str(tmp_path / "noisy" / "train.jsonl")
+    base = [*TINY, "steps=2", "objectives.distill=true", "objectives.queue_size=40", "refine.batch_size=8"]
+    seen: list = []
+    real = RefineCache.__init__
+
+    def spy(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        seen.append(self.weight)
+
+    fusion = {}
+    for sampling in ("true", "false"):
+        cfg = load_train_config(None, [*base, "refine.steps=2", f"refine.teacher_sampling={sampling}"])
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(RefineCache, "__init__", spy)
+            train(data, tmp_path / sampling, cfg, progress=False)
+        fusion[sampling] = load_file(str(tmp_path / sampling / "fusion.safetensors"))
+    belief, uniform = seen
+    assert uniform is None and belief is not None  # no teacher: every cached pair as likely as any other
+    assert belief.ndim == 1 and len(belief) > 8 and bool(((belief > 0) & (belief <= 1)).all())
+    # the same joint run, then other pairs drawn: another fusion encoder
+    assert any(not torch.equal(fusion["true"][k], fusion["false"][k]) for k in fusion["true"])
