@@ -31,11 +31,11 @@ At 450 steps the same stage had not left the saddle (held-out reversed 0.64, re-
 encoder changes; ITC retrieval (the towers) is untouched.
 
 Noisy captions. Every term above takes a pair's caption at its word, and a caption written for another image
-teaches the direction backwards as often as not. With momentum distillation the stage has a teacher, and draws
+is trained as a match and teaches the direction at random. With momentum distillation the stage has a teacher: it draws
 its pairs in proportion to the momentum model's belief that they match (`losses.distill.match_belief`, ALBEF's
 soft ITC targets against batch_size - 1 random others; refine.teacher_sampling): on synth scenes with 30% of the
-captions swapped it separated swapped from true pairs with AUC 0.996, left 27% of the pairs below 0.1, and the
-same distilled towers refined to binding 0.867 and re-ranked t2i R@1 0.432, against 0.735 and 0.243 drawing
+captions swapped it separated swapped from true pairs with AUC 0.992 (swapped ones were 3% of the draws), and the
+same distilled towers refined to binding 0.867 and re-ranked t2i R@1 0.432, against 0.803 and 0.295 drawing
 uniformly. Without distillation pairs are drawn uniformly.
 """
 
