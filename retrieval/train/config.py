@@ -77,6 +77,9 @@ class RefineConfig:
     mirror_weight: float = 4.0  # the caption's image ranked over its mirror twin (train/twins.py) for that
     # caption: the image-side contrast that re-ranking images for a caption needs, and the term that leads the
     # escape from the saddle (training accuracy 0.80 at 430 steps, relation 0.64); 0: not cached or ranked
+    reset_fusion: bool = True  # start the stage from a freshly initialised fusion encoder: the joint run's
+    # one has settled on attributes and left the direction saddle slowest (synth seed 1, same towers: reversed
+    # relations 0.56 -> 0.93 by ITM, binding 0.80 -> 0.90; it re-learns attribute matching within ~200 steps)
     teacher_sampling: bool = True  # with objectives.distill, pairs are drawn in proportion to the momentum
     # model's belief that they match (losses/distill.py match_belief), not uniformly: ALBEF's pseudo-targets,
     # applied to which captions the stage takes at their word

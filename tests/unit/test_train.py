@@ -184,3 +184,23 @@ def test_with_distillation_the_refine_stage_draws_pairs_by_the_momentum_models_b
     assert belief.ndim == 1 and len(belief) > 8 and bool(((belief > 0) & (belief <= 1)).all())
     # the same joint run, then other pairs drawn: another fusion encoder
     assert any(not torch.equal(fusion["true"][k], fusion["false"][k]) for k in fusion["true"])
+
+
+def test_refine_reset_fusion_starts_the_stage_from_a_fresh_seeded_fusion(scenes, tmp_path):
+    data = str(scenes / "train.jsonl")
+    # lr ~0: what the stage leaves is what it started from
+    base = [*TINY, "steps=2", "refine.steps=1", "refine.batch_size=8", "refine.lr=1e-12"]
+    fusion = {}
+    for name, reset in (("kept", "false"), ("fresh", "true"), ("again", "true")):
+        cfg = load_train_config(None, [*base, f"refine.reset_fusion={reset}"])
+        train(data, tmp_path / name, cfg, progress=False)
+        fusion[name] = load_file(str(tmp_path / name / "fusion.safetensors"))
+    kept, fresh = fusion["kept"], fusion["fresh"]
+    ln = [k for k in fresh if k.startswith("ln_out.")]
+    assert ln and all(not torch.equal(kept[k], fresh[k]) for k in ln)  # the joint run had moved them
+    torch.testing.assert_close(
+        fresh["ln_out.weight"], torch.ones_like(fresh["ln_out.weight"]), atol=1e-6, rtol=0
+    )
+    assert not torch.equal(kept["itm_head.weight"], fresh["itm_head.weight"])
+    for k in fresh:  # seeded: the same fresh start every time
+        torch.testing.assert_close(fusion["again"][k], fresh[k], rtol=0, atol=0, msg=k)
