@@ -11,7 +11,7 @@ cells = [
 
 The same path as `bash demo.sh`, one step per cell, with the training curves plotted. Everything runs offline on
 data the project generates. `STEPS` below is short so the notebook runs in a few minutes on 2 CPU cores; the
-default `retrieval train` (600 joint steps + 1,000 ITM refinement steps, ~10 min) is what the README's figures
+default `retrieval train` (its defaults: a joint run, then the ITM refinement stage; 11-13 min) is what the README's figures
 come from.""",
     ),
     (
