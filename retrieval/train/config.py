@@ -62,9 +62,9 @@ class OptimConfig:
 class RefineConfig:
     steps: int = 1000  # fusion-only ITM steps after the joint run, towers frozen (train/refine.py); 0: none.
     # The joint run leaves ITM at chance on a relation's direction; with the mirror term the stage leaves that
-    # saddle after 450-700 steps (~0.2 s each) and then ranks both captions and images by it (synth, 720 joint +
-    # 1500 here: binding 0.817 -> 0.911, ITM re-ranked t2i R@1 0.536 -> 0.655 against 0.578 contrastive)
-    batch_size: int = 128  # images per step, each with in-batch, opposite-relation and one other false caption;
+    # saddle (at batch 128 after 700-900 steps, ~0.37 s each) and then ranks both captions and images by it
+    # (synth seed 1, 500 joint + 1000 here: binding 0.915, re-ranked t2i R@1 0.632 against 0.508 contrastive)
+    batch_size: int = 128  # images per step, each with in-batch, opposite-relation and other false captions;
     # 128 left the direction saddle in about half the steps of 64 at twice the cost per step (seed-0 towers:
     # training direction 0.92 after 800 steps vs 0.64 after 1000), and 1,000 of them fit the budget
     lr: float = (
