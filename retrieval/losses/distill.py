@@ -180,7 +180,7 @@ def match_belief(
     shift = torch.randint(1, u, (n, negatives), generator=generator, device="cpu").to(caption.device)
     other_text = (caption.unsqueeze(1) + shift) % u  # (N, K)
     own = (image_feat * text_feat[caption]).sum(-1, keepdim=True)  # (N, 1)
-    to_texts = torch.einsum("nd,nkd->nk", image_feat, text_feat[other_text])  # (N, K)
+    to_texts = _dot_rows(image_feat, text_feat, other_text)  # (N, K)
     i2t = torch.cat([own, to_texts], 1).mul(scale).softmax(-1)[:, 0]  # (N,)
     # other images: uniform draws, redrawn where they share the pair's caption (a positive, not a negative)
     other_image = torch.randint(0, n, (n, negatives), generator=generator, device="cpu").to(caption.device)
@@ -190,7 +190,17 @@ def match_belief(
             break
         redraw = torch.randint(0, n, (int(same.sum()),), generator=generator, device="cpu").to(caption.device)
         other_image[same] = redraw
-    to_images = torch.einsum("nd,nkd->nk", text_feat[caption], image_feat[other_image])  # (N, K)
+    to_images = _dot_rows(text_feat[caption], image_feat, other_image)  # (N, K)
     to_images = to_images.masked_fill(caption[other_image] == caption.unsqueeze(1), float("-inf"))
     t2i = torch.cat([own, to_images], 1).mul(scale).softmax(-1)[:, 0]  # (N,)
     return (i2t + t2i) / 2
+
+
+def _dot_rows(a: Tensor, b: Tensor, index: Tensor, chunk: int = 1024) -> Tensor:
+    """(N, K): a[n] . b[index[n, k]], gathered chunk rows at a time so no (N, K, D) tensor is ever built."""
+    return torch.cat(
+        [
+            torch.einsum("nd,nkd->nk", a[i : i + chunk], b[index[i : i + chunk]])
+            for i in range(0, len(a), chunk)
+        ]
+    )
