@@ -150,7 +150,8 @@ def with_fusion(directory, clip: nn.Module) -> AlbefModel:
     config = read_config(directory)
     if "fusion" not in config.get("components", {}):
         raise UserError(
-            f"{directory}: this checkpoint has no ITM head (fusion); train with objectives.itm=true"
+            f"{directory}: this checkpoint has no ITM head (fusion): it was trained with objectives.itm=false, or "
+            "with objectives.joint_itm=false and stopped before the refinement stage (retrieval train --resume)"
         )
     # checkpoints written before an option existed behave as then: first-token readout, no image positions
     fusion = {"readout": "first", "image_positions": False, **config.get("fusion", {})}

@@ -73,27 +73,51 @@ class _FusionLayer(nn.Module):
         return x + self.drop(self.mlp(self.ln_mlp(x)))  # (B, L, W)
 
     def _cross(self, h: Tensor, image: Tensor, image_index: Tensor | None) -> Tensor:
-        """Cross-attention with the keys and values projected once per distinct image, then gathered per row:
-        ITM scores every image against several texts, and projecting the copies was a third of the vision
-        tower's cost. Same weights and result as nn.MultiheadAttention(h, image[index], image[index])."""
+        """Cross-attention with the keys and values projected once per distinct image: ITM scores every image
+        against several texts, and projecting the copies was a third of the vision tower's cost. Same weights
+        and result as nn.MultiheadAttention(h, image[index], image[index]).
+
+        With image_index the keys and values are not copied per row either (at 6 rows per image, gathering
+        them and their gradients was a quarter of a refinement step): queries do not interact in
+        cross-attention, so each image's rows are laid end to end as one query sequence against that image
+        alone, padded to the most rows any image has (`_query_slots`), and the outputs read back per row."""
         attn = self.cross_attn
         b, length, w = h.shape
         heads = attn.num_heads
         wq, wk, wv = attn.in_proj_weight.chunk(3)  # (W, W) each
         bq, bk, bv = attn.in_proj_bias.chunk(3)  # (W,) each
         k, v = F.linear(image, wk, bk), F.linear(image, wv, bv)  # (M, N, W)
-        if image_index is not None:
-            k, v = k[image_index], v[image_index]  # (B, N, W)
         q = F.linear(h, wq, bq)  # (B, L, W)
+        slots, per_image = None, 1
+        if image_index is not None:
+            slots, per_image = _query_slots(image_index, image.shape[0])  # (B,) rows of (M * R)
+            padded = q.new_zeros(image.shape[0] * per_image, length, w)  # (M * R, L, W)
+            q = padded.index_put((slots,), q).view(image.shape[0], per_image * length, w)  # (M, R * L, W)
 
         def split(t: Tensor) -> Tensor:
-            return t.unflatten(-1, (heads, w // heads)).transpose(1, 2)  # (B, H, ., W / H)
+            return t.unflatten(-1, (heads, w // heads)).transpose(1, 2)  # (., H, ., W / H)
 
         dropout = attn.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(
             split(q), split(k), split(v), dropout_p=dropout
-        )  # (B, H, L, W/H)
-        return attn.out_proj(out.transpose(1, 2).reshape(b, length, w))  # (B, L, W)
+        )  # (B or M, H, L or R * L, W/H)
+        out = out.transpose(1, 2).reshape(-1, length, w)  # (B or M * R, L, W)
+        if slots is not None:
+            out = out[slots]  # (B, L, W)
+        return attn.out_proj(out)  # (B, L, W)
+
+
+def _query_slots(image_index: Tensor, n_images: int) -> tuple[Tensor, int]:
+    """image_index (B,) long in [0, n_images) -> (slot (B,) long, R): row i is the k-th row (in order) that
+    attends to image m = image_index[i], and goes to slot m * R + k of an (n_images * R) layout, R being the
+    most rows any image has."""
+    counts = torch.bincount(image_index, minlength=n_images)  # (M,)
+    per_image = max(int(counts.max()), 1) if len(image_index) else 1
+    order = torch.argsort(image_index, stable=True)  # (B,) rows grouped by image
+    first = torch.cumsum(counts, 0) - counts  # (M,) position of each image's first row in `order`
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order), device=order.device) - first[image_index[order]]  # (B,)
+    return image_index * per_image + rank, per_image
 
 
 class FusionEncoder(nn.Module):
@@ -237,6 +261,8 @@ def itm_forward(
     negative_mask: Tensor | None = None,
     negative_valid: Tensor | None = None,
     ranked: dict[str, tuple[Tensor, Tensor, Tensor, Tensor]] | None = None,
+    scored: dict[str, tuple[Tensor, Tensor, Tensor]] | None = None,
+    compared: dict[str, tuple[tuple[str, Tensor], tuple[str, Tensor]]] | None = None,
 ) -> dict[str, Tensor]:
     """ITM on B positives, B hard-negative texts (one per image) and B hard-negative images (one per text).
 
@@ -249,7 +275,11 @@ def itm_forward(
     of ITM's cross-entropy, each only to score below the positive pair of row owner (`matching.pairwise_rank_loss`):
     a false caption of image owner (image = owner), or text owner with another image (image_tokens may hold
     more than B images; rows past B are only used here).
-    Returns `matching.itm_loss`'s dict, plus "rank_<name>" and "rank_<name>_acc" per ranked group.
+    scored: name -> (tokens (V, L, Dt), mask (V, L), image (V,) long): more true pairs, scored in the same pass
+    with no loss of their own, for `compared` to name.
+    compared: name -> ((true group, rows (V,)), (false group, rows (V,))): row k of the first must outscore row
+    k of the second; a group is "positive" (the B matched pairs) or a ranked or scored group's name.
+    Returns `matching.itm_loss`'s dict, plus "rank_<name>" and "rank_<name>_acc" per ranked or compared group.
     """
     b = text_tokens.shape[0]
     for name, t in (("sim_i2t", sim_i2t), ("sim_t2i", sim_t2i), ("positive_mask", positive_mask)):
@@ -278,17 +308,23 @@ def itm_forward(
         masks.append(negative_mask[keep])
         images.append(keep)
     n_itm = sum(len(i) for i in images)
-    for tokens, mask, image, _ in (ranked or {}).values():
+    start = {"positive": 0}  # group -> its first row among the scored ones
+    for name, (tokens, mask, image, *_) in [*(ranked or {}).items(), *(scored or {}).items()]:
+        start[name] = sum(len(i) for i in images)
         texts.append(tokens)
         masks.append(mask)
         images.append(image)
-    # (3B [+ V] [+ ranked], 2); each image's keys/values are projected once, not once per row
+    # (3B [+ V] [+ ranked + scored], 2); each image's keys/values are projected once, not once per row
     logits = fusion.itm_logits(torch.cat(texts), torch.cat(masks), image_tokens, torch.cat(images))
     out = itm_loss(logits[:b], logits[b:n_itm])
     log_odds = logits[:, 1] - logits[:, 0]  # (rows,)
-    start = n_itm
-    for name, (_, _, _, owner) in (ranked or {}).items():
-        found = pairwise_rank_loss(log_odds[owner], log_odds[start : start + len(owner)])
+    pairs = {
+        name: (owner, start[name] + torch.arange(len(owner), device=owner.device))
+        for name, (_, _, _, owner) in (ranked or {}).items()
+    }
+    for name, ((true, true_rows), (false, false_rows)) in (compared or {}).items():
+        pairs[name] = (start[true] + true_rows, start[false] + false_rows)
+    for name, (true_rows, false_rows) in pairs.items():
+        found = pairwise_rank_loss(log_odds[true_rows], log_odds[false_rows])
         out.update({f"rank_{name}": found["rank"], f"rank_{name}_acc": found["rank_acc"]})
-        start += len(owner)
     return out

@@ -32,6 +32,9 @@ class ObjectiveConfig:
     itc: bool = True  # image-text contrastive (symmetric InfoNCE, learnable temperature)
     itm: bool = True  # image-text matching on the fusion encoder
     itm_weight: float = 1.0  # ITM's share of the total loss
+    joint_itm: bool = True  # ITM in the joint run too (ALBEF), its gradients reaching the towers; off: the
+    # fusion encoder learns only in the refinement stage (refine.*), on the frozen towers, and a joint step
+    # skips the fusion pass (~30% of it on the tiny preset)
     negatives: str = "hard"  # ITM negatives: hard (sampled by contrastive similarity, ALBEF) or random
     easy_share: float = 0.5  # share of ITM's mined negatives drawn uniformly rather than by similarity: a
     # fusion encoder from scratch learns nothing from negatives that differ only in binding and sits at the class
@@ -79,6 +82,8 @@ class RefineConfig:
     mirror_weight: float = 4.0  # the caption's image ranked over its mirror twin (train/twins.py) for that
     # caption: the image-side contrast that re-ranking images for a caption needs, and the term that leads the
     # escape from the saddle (training accuracy 0.80 at 430 steps, relation 0.64); 0: not cached or ranked
+    square_weight: float = 0.0  # the mirror twin with the opposite-relation caption (a true pair: both
+    # directions reversed) ranked over the mirror with the caption and over the image with the twin
     reset_fusion: bool = True  # start the stage from a freshly initialised fusion encoder: the joint run's
     # one has settled on attributes and left the direction saddle slowest (synth seed 1, same towers: reversed
     # relations 0.56 -> 0.93 by ITM, binding 0.80 -> 0.90; it re-learns attribute matching within ~200 steps)
@@ -200,6 +205,11 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] = ())
             f"twins={cfg.twins}: must be in [0, 1) and leave at least 2 rows of batch_size for the plan"
         )
     r = cfg.refine
+    if cfg.objectives.itm and not cfg.objectives.joint_itm and r.steps == 0:
+        raise UserError(
+            "objectives.joint_itm=false with refine.steps=0: the ITM head would never train; "
+            "set refine.steps > 0, objectives.joint_itm=true, or objectives.itm=false"
+        )
     if r.steps < 0 or r.batch_size < 2 or r.max_pairs < 2 or r.lr <= 0 or r.max_cache_gb <= 0:
         raise UserError(
             f"refine.steps={r.steps}, batch_size={r.batch_size}, max_pairs={r.max_pairs}, lr={r.lr}, "

@@ -34,6 +34,7 @@ from retrieval.models.encoders import autocast_dtype, create_clip, resolve_devic
 from retrieval.train.config import TrainConfig
 from retrieval.train.data import BatchPlan, PairImages, TrainData, describe_skips, load_pairs, normalize
 from retrieval.train.neighbours import caption_neighbours, mined_neighbours
+from retrieval.train.optim import fused_adamw, lr_lambda, param_groups
 from retrieval.train.refine import refine_fusion
 from retrieval.train.tasks import ItcItmTask
 
@@ -64,40 +65,6 @@ def build_model(cfg: TrainConfig) -> tuple[AlbefModel, str]:
             clip.logit_scale.fill_(math.log(1.0 / cfg.objectives.temperature))
         model = AlbefModel(clip, mc.fusion)
     return model, arch
-
-
-def param_groups(
-    module: torch.nn.Module, weight_decay: float, lr: float, fusion_lr: float | None = None
-) -> list[dict[str, Any]]:
-    """No decay on gains, biases, embeddings and the temperature (CLIP/open_clip practice); the fusion encoder
-    (parameters under a `fusion.` prefix) at its own learning rate when fusion_lr is given."""
-    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        skip = p.ndim < 2 or "embedding" in name or "logit_scale" in name or name.endswith("class_embedding")
-        fusion = fusion_lr is not None and (name.startswith("fusion.") or ".fusion." in name)
-        groups.setdefault((fusion, skip), []).append(p)
-    return [
-        {
-            "params": params,
-            "weight_decay": 0.0 if skip else weight_decay,
-            "lr": fusion_lr if fusion else lr,
-        }
-        for (fusion, skip), params in sorted(groups.items())
-    ]
-
-
-def lr_lambda(cfg: TrainConfig):
-    warm, total, floor = cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr_ratio
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        progress = min(1.0, (step - warm) / max(1, total - warm))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f
 
 
 def _save_resume(out: Path, task: ItcItmTask, opt, sched, step: int, data_state: dict[str, Any]) -> None:
@@ -187,6 +154,7 @@ def train(
         param_groups(task, cfg.optim.weight_decay, cfg.optim.lr, cfg.optim.lr * cfg.optim.fusion_lr_scale),
         lr=cfg.optim.lr,
         betas=cfg.optim.betas,
+        fused=fused_adamw(device),
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     start, state = _load_resume(out, task, opt, sched) if resume else (0, {})
@@ -207,7 +175,9 @@ def train(
 
     engine = (
         torch.nn.parallel.DistributedDataParallel(
-            task, broadcast_buffers=False, find_unused_parameters=not cfg.objectives.itm
+            task,
+            broadcast_buffers=False,
+            find_unused_parameters=not (cfg.objectives.itm and cfg.objectives.joint_itm),
         )
         if world > 1
         else task
@@ -235,7 +205,7 @@ def train(
             },
             "fusion": dataclasses.asdict(model.fusion_cfg),
         }
-        save_checkpoint(out, arch, task.components(), extra=extra)
+        save_checkpoint(out, arch, task.components(refined), extra=extra)
         _save_resume(out, task, opt, sched, step, {"neighbours": plan.neighbours} if mine else {})
 
     bar = tqdm(
@@ -283,7 +253,10 @@ def train(
                 record.update({f"eval.{k}": v for k, v in metrics.items()})
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            bar.set_postfix(loss=f"{record['loss']:.3f}", itm_acc=f"{record.get('itm_acc', 0):.2f}")
+            shown = {"loss": f"{record['loss']:.3f}"}
+            if "itm_acc" in record:
+                shown["itm_acc"] = f"{record['itm_acc']:.2f}"
+            bar.set_postfix(shown)
             window, t0 = {}, time.perf_counter()
         if rank == 0 and (step % cfg.save_every == 0 or step == last):
             checkpoint(step, metrics)

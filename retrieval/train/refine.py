@@ -63,6 +63,7 @@ from retrieval.models.fusion import itm_forward
 from retrieval.train.config import TrainConfig
 from retrieval.train.data import TrainData, normalize
 from retrieval.train.negatives import binding_candidates, relation_opposite
+from retrieval.train.optim import fused_adamw
 from retrieval.train.twins import directional, mirror, mirror_pixels
 
 _CHUNK = 256  # images or texts per tower pass while filling the cache
@@ -123,6 +124,14 @@ class RefineCache:
         self.twin = torch.full((u,), -1, dtype=torch.long)  # (U,) text row of each caption's twin, -1: none
         self.twin[has_twin] = u + torch.arange(int(has_twin.sum()))
         self.count = torch.tensor([len(f) for f in others], dtype=torch.long)  # (U,) other false versions
+        # (U,) whether the twin is also the caption of the image's mirror twin: (twin, mirror) is a true pair
+        self.square = torch.tensor(
+            [
+                t is not None and _words(mirror(c, cfg.twins_vertical)[0]) == t
+                for c, t in zip(captions, twins, strict=True)
+            ],
+            dtype=torch.bool,
+        )
         self.start = (
             u + int(has_twin.sum()) + torch.cumsum(self.count, 0) - self.count
         )  # (U,) first one's row
@@ -242,6 +251,10 @@ class RefineCache:
         return len(self.index)
 
 
+def _words(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
 def _state_bytes(model: AlbefModel, data: TrainData, device: torch.device) -> tuple[int, int]:
     """Bytes cached per image (token states + pooled feature) and per text (token states at full context)."""
     size = data.images.size
@@ -297,6 +310,7 @@ def refine_fusion(
             ],
             lr=rc.lr,
             betas=cfg.optim.betas,
+            fused=fused_adamw(device),
         )
         scale = model.logit_scale.exp().detach()
         batch = min(rc.batch_size, len(cache))
@@ -305,6 +319,8 @@ def refine_fusion(
             "rank_relation": rc.relation_weight,
             "rank_binding": rc.binding_weight,
             "rank_mirror": rc.mirror_weight,
+            "rank_square_caption": rc.square_weight,
+            "rank_square_image": rc.square_weight,
         }
         bar = tqdm(total=rc.steps, desc="refine ITM", unit="step", file=sys.stderr, disable=not progress)
         window: dict[str, float] = {}
@@ -360,8 +376,22 @@ def _step(fusion, cache: RefineCache, data: TrainData, cfg: TrainConfig, batch: 
         image_tokens = torch.cat([image_tokens, mirrors])  # (B + m, T, Wv)
         mirrored = batch + torch.arange(int(has_mirror.sum()))  # (m,) their rows in image_tokens
         groups["mirror"] = (slots[has_mirror], mirrored, rows_b[has_mirror])
+    scored, compared = {}, {}
+    if cfg.refine.mirror_weight > 0 and cfg.refine.square_weight > 0:
+        # the mirror with the twin caption is a true pair: it must outscore the mirror with the caption and
+        # the image with the twin, the same two contrasts from the other corner of the square
+        square = has_mirror & has_twin & cache.square[slots]  # (B,)
+        if bool(square.any()):
+            at_mirror = (torch.cumsum(has_mirror.long(), 0) - 1)[square]  # (s,) rows of the mirror group
+            at_twin = (torch.cumsum(has_twin.long(), 0) - 1)[square]  # (s,) rows of the relation group
+            scored["mirror_pair"] = (twin[square], mirrored[at_mirror], None)
+            own = torch.arange(int(square.sum()))
+            compared = {
+                "square_caption": (("mirror_pair", own), ("mirror", at_mirror)),
+                "square_image": (("mirror_pair", own), ("relation", at_twin)),
+            }
     groups = {name: group for name, group in groups.items() if len(group[0])}
-    used = torch.cat([slots, *(r for r, _, _ in groups.values())])
+    used = torch.cat([slots, *(r for r, _, _ in groups.values()), *(r for r, _, _ in scored.values())])
     length = int(cache.text_mask[used].any(dim=0).nonzero().max()) + 1  # longest of this batch's texts
 
     def texts(r: Tensor) -> tuple[Tensor, Tensor]:
@@ -371,6 +401,11 @@ def _step(fusion, cache: RefineCache, data: TrainData, cfg: TrainConfig, batch: 
         sim = cache.image_feat[pick] @ cache.text_feat[slots].T * scale  # (B, B)
     ids = data.ids[cache.index[pick]].to(device)  # (B,) equal captions are positives of each other
     ranked = {name: (*texts(r), i.to(device), o.to(device)) for name, (r, i, o) in groups.items()}
+    pairs = {name: (*texts(r), i.to(device)) for name, (r, i, _) in scored.items()}
+    compared = {
+        name: ((true, t.to(device)), (false, f.to(device)))
+        for name, ((true, t), (false, f)) in compared.items()
+    }
     with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
         return itm_forward(
             fusion,
@@ -383,4 +418,6 @@ def _step(fusion, cache: RefineCache, data: TrainData, cfg: TrainConfig, batch: 
             uniform=cfg.objectives.easy_share,
             generator=g if device.type == "cpu" else None,
             ranked=ranked,
+            scored=pairs,
+            compared=compared,
         )

@@ -91,7 +91,7 @@ class ItcItmTask(nn.Module):
             sim_i2t, sim_t2i = local_block(itc["sim_i2t"]), local_block(itc["sim_t2i"])  # (B, B)
         out["itc"] = itc["itc"]
         loss = itc["itc"]
-        if cfg.itm:
+        if cfg.itm and cfg.joint_itm:
             itm = itm_forward(
                 self.model.fusion,
                 enc.text_tokens,
@@ -116,9 +116,10 @@ class ItcItmTask(nn.Module):
     def after_step(self) -> None:
         clamp_logit_scale(self.model.clip.logit_scale, self.cfg.max_logit_scale)
 
-    def components(self) -> dict[str, nn.Module]:
-        """What a checkpoint saves for inference (the momentum twin and queue go in the resume state only)."""
+    def components(self, refined: bool = False) -> dict[str, nn.Module]:
+        """What a checkpoint saves for inference (the momentum twin and queue go in the resume state only);
+        refined: the refinement stage has trained the fusion encoder."""
         parts = {"dual_encoder": self.model.clip}
-        if self.cfg.itm:
+        if self.cfg.itm and (self.cfg.joint_itm or refined):
             parts["fusion"] = self.model.fusion  # an untrained ITM head would only mislead re-ranking
         return parts

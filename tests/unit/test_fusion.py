@@ -187,6 +187,24 @@ def test_shared_image_keys_values_match_per_row_images_and_multihead_attention()
         fusion(text, mask, image, torch.tensor([0, 3, 1]))
 
 
+def test_rows_grouped_per_image_give_the_per_row_copies_outputs_and_gradients() -> None:
+    """Cross-attention lays each image's rows end to end against that image alone (padded to the busiest
+    image); outputs and gradients must equal scoring every row against its own copy of the image."""
+    torch.manual_seed(3)
+    fusion = build_fusion(CFG).train()
+    text, mask, image = _inputs(b=9)
+    index = torch.tensor([4, 0, 4, 4, 2, 0, 4, 8, 2])  # uneven: 4 rows on image 4, none on 1, 3, 5, 6, 7
+    grouped = fusion.itm_logits(text, mask, image, index)
+    grouped.square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in fusion.named_parameters()}
+    fusion.zero_grad()
+    copied = fusion.itm_logits(text, mask, image[index])
+    copied.square().sum().backward()
+    torch.testing.assert_close(grouped, copied, atol=1e-5, rtol=1e-4)
+    for name, p in fusion.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_itm_logits_with_a_first_row_only_last_layer_equal_the_full_pass() -> None:
     torch.manual_seed(1)
     fusion = build_fusion(CFG).eval()

@@ -198,3 +198,33 @@ def test_itm_forward_ranks_false_pairs_outside_the_cross_entropy() -> None:
     assert out["rank_twin"].item() == pytest.approx(expected.item(), rel=1e-5)
     expected = F.softplus(-(lo[0] - lo[5]))
     assert out["rank_image"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+    # a scored true pair (text 1 with the image past the batch) compared with a ranked row and a positive
+    g = torch.Generator().manual_seed(1)
+    out = itm_forward(
+        fusion,
+        text,
+        mask,
+        image,
+        sim,
+        sim,
+        positives,
+        generator=g,
+        ranked=ranked,
+        scored={"pair": (text[1:2], mask[:1], torch.tensor([b]))},
+        compared={
+            "over_image": (("pair", torch.tensor([0])), ("image", torch.tensor([0]))),
+            "over_positive": (("pair", torch.tensor([0, 0])), ("positive", torch.tensor([1, 2]))),
+        },
+    )
+    assert out["itm"].item() == pytest.approx(plain["itm"].item(), rel=1e-6)
+    assert out["rank_twin"].item() == pytest.approx(
+        F.softplus(-(lo[[0, 2]] - lo[3:5])).mean().item(), rel=1e-5
+    )
+    with torch.no_grad():
+        pair = fusion.itm_logits(text[1:2], mask[:1], image[b : b + 1])
+        pair = pair[:, 1] - pair[:, 0]
+    expected = F.softplus(-(pair[0] - lo[5]))
+    assert out["rank_over_image"].item() == pytest.approx(expected.item(), rel=1e-5)
+    expected = F.softplus(-(pair[0] - lo[[1, 2]])).mean()
+    assert out["rank_over_positive"].item() == pytest.approx(expected.item(), rel=1e-5)

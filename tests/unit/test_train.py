@@ -107,11 +107,31 @@ def test_itc_only_checkpoint_has_no_itm_head(scenes, tmp_path):
         load_albef(tmp_path / "ck")
 
 
+def test_without_joint_itm_the_fusion_trains_only_in_the_stage_and_is_saved_only_after_it(scenes, tmp_path):
+    from retrieval.models.albef import load_albef
+
+    data = str(scenes / "train.jsonl")
+    with pytest.raises(UserError, match="never train"):
+        load_train_config(None, [*TINY, "objectives.joint_itm=false"])  # TINY has refine.steps=0
+    cfg = load_train_config(None, [*TINY, "steps=4", "objectives.joint_itm=false", "refine.steps=2"])
+    train(data, tmp_path / "ck", cfg, progress=False, stop_after=2)
+    log = [json.loads(x) for x in (tmp_path / "ck" / "log.jsonl").read_text().splitlines()]
+    assert all("itm" not in r and "itc" in r for r in log)  # no fusion pass in the joint steps
+    with pytest.raises(UserError, match="refinement stage"):  # an untrained ITM head is never saved
+        load_albef(tmp_path / "ck")
+    train(data, tmp_path / "ck", cfg, progress=False, resume=True)
+    log = [json.loads(x) for x in (tmp_path / "ck" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert all("itm" in r for r in log if r.get("stage") == "refine")
+    model, _ = load_albef(tmp_path / "ck")
+    assert model.fusion_cfg.width == 32
+
+
 def test_param_groups_give_the_fusion_its_own_rate_and_spare_norms_from_decay():
     from retrieval.models.albef import AlbefModel
     from retrieval.models.encoders import create_clip
     from retrieval.models.fusion import FusionConfig
-    from retrieval.train.loop import param_groups
+    from retrieval.train.optim import param_groups
 
     clip, _ = create_clip("test-micro", "none")
     model = AlbefModel(clip, FusionConfig(width=16, layers=1, heads=2))
