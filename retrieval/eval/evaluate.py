@@ -86,7 +86,8 @@ def evaluate(
 ) -> Report:
     """Recall@{1,5,10} image->text ("i2t.R@1") and text->image ("t2i.R@1"); with cfg.rerank_k the same after the
     top K are re-ranked by `metrics.rerank_score` ("rerank.*": ITC logit + ITM log-odds) and by ITM alone
-    ("rerank_itm.*"), on synth rows "binding" (ITM) and "binding.itc" with the same per kind of false caption
+    ("rerank_itm.*"), on synth rows "binding" (ITM), "binding.itc" and "binding.rerank" (the re-ranking score), each
+    also per kind of false caption
     ("binding.relation", "binding.itc.color", ...), and the counts "n_images", "n_texts", "skipped_images".
 
     Images that fail to decode are skipped and counted. The model is put in eval mode and restored afterwards.
@@ -148,7 +149,10 @@ def _evaluate(model, pairs, cfg: EvalConfig, image_size, mean, std, tokenizer, d
         assert itm is not None
         index = {c: j for j, c in enumerate(captions)}
         neg_idx = [[index[c] for c in negs] for negs in negatives]
-        result.update(_binding(itm, texts, images, rows, [index[c] for c in truths], neg_idx, kinds))
+        scale = float(model.logit_scale.exp())
+        result.update(
+            _binding(itm, texts, images, rows, [index[c] for c in truths], neg_idx, kinds, scale)
+        )
     return result
 
 
@@ -309,9 +313,11 @@ def _binding(
     truths: list[int],
     negatives: list[list[int]],
     kinds: list[list[str]],
+    logit_scale: float,
 ) -> dict[str, float]:
-    """Image rows[r] with text truths[r] vs texts negatives[r] (of kinds[r]), by ITM ("binding") and ITC
-    ("binding.itc"), and by each per kind of negative ("binding.relation", "binding.itc.relation", ...)."""
+    """Image rows[r] with text truths[r] vs texts negatives[r] (of kinds[r]), by ITM ("binding"), by ITC
+    ("binding.itc") and by the score ITM re-ranking sorts by ("binding.rerank": ITC logit + ITM log-odds,
+    `metrics.rerank_score`), and by each per kind of negative ("binding.relation", "binding.itc.relation", ...)."""
     neg_idx = torch.full((len(rows), max(map(len, negatives))), -1, dtype=torch.long)  # (R, M), -1: none
     for r, negs in enumerate(negatives):
         neg_idx[r, : len(negs)] = torch.tensor(negs, dtype=torch.long)
@@ -333,7 +339,13 @@ def _binding(
     for r, ks in enumerate(kinds):
         kind_of[r, : len(ks)] = torch.tensor([names.index(k) for k in ks], dtype=torch.long)
     result: dict[str, float] = {}
-    for name, scores in (("binding", itm(text_all, image_all)), ("binding.itc", itc)):
+    match = itm(text_all, image_all)  # (R + P,)
+    scorers = (
+        ("binding", match),
+        ("binding.itc", itc),
+        ("binding.rerank", rerank_score(itc, match, logit_scale)),
+    )
+    for name, scores in scorers:
         truth, negative = split(scores)
         result[name] = binding_accuracy(truth, negative)
         for k, kind in enumerate(names):

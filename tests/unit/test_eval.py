@@ -150,7 +150,7 @@ def test_evaluate_reports_every_metric_in_range(heldout: list[Pair], tmp_path: P
     model = micro_model().train()
     result = run(model, pairs, EvalConfig(rerank_k=4))
     assert model.training  # the caller's mode is restored
-    expected = {*RECALLS, *(f"rerank.{m}" for m in RECALLS), "binding", "binding.itc"}
+    expected = {*RECALLS, *(f"rerank.{m}" for m in RECALLS), "binding", "binding.itc", "binding.rerank"}
     assert expected <= result.keys()
     assert all(0.0 <= result[k] <= 1.0 for k in expected)
     assert result["n_images"] == len(heldout) and result["skipped_images"] == 1
@@ -258,6 +258,9 @@ def test_binding_matches_a_direct_computation(heldout: list[Pair]) -> None:
 
     assert result["binding"] == pytest.approx(binding_accuracy(*split(itm)), abs=1e-9)
     assert result["binding.itc"] == pytest.approx(binding_accuracy(*split(itc)), abs=1e-9)
+    scale = float(model.logit_scale.exp())
+    fused = [rerank_score(c, m, scale) for c, m in zip(itc, itm, strict=True)]  # what re-ranking sorts by
+    assert result["binding.rerank"] == pytest.approx(binding_accuracy(*split(fused)), abs=1e-9)
     assert {k for ks in kinds for k in ks[1:]} == {"color", "shape", "size", "relation"}
     for kind in ("color", "shape", "size", "relation"):  # each kind of false caption on its own
         assert result[f"binding.{kind}"] == pytest.approx(binding_accuracy(*split(itm, kind)), abs=1e-9)
