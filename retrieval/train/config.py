@@ -32,9 +32,11 @@ class ObjectiveConfig:
     itc: bool = True  # image-text contrastive (symmetric InfoNCE, learnable temperature)
     itm: bool = True  # image-text matching on the fusion encoder
     itm_weight: float = 1.0  # ITM's share of the total loss
-    joint_itm: bool = True  # ITM in the joint run too (ALBEF), its gradients reaching the towers; off: the
-    # fusion encoder learns only in the refinement stage (refine.*), on the frozen towers, and a joint step
-    # skips the fusion pass (~30% of it on the tiny preset)
+    joint_itm: bool = False  # ITM in the joint run too (ALBEF), its gradients reaching the towers. Off (the
+    # default): the fusion encoder learns only in the refinement stage (refine.*, which starts it afresh
+    # anyway), on the frozen towers, and a joint step skips the fusion pass, ~30% of it on the tiny preset.
+    # Synth seed 0, 600 joint + 1,000 stage steps: t2i R@1 0.553, re-ranked 0.738, binding 0.916 (with joint
+    # ITM, 600 joint steps had given 0.537-0.592, re-ranked 0.587-0.667, binding 0.904-0.914)
     negatives: str = "hard"  # ITM negatives: hard (sampled by contrastive similarity, ALBEF) or random
     easy_share: float = 0.5  # share of ITM's mined negatives drawn uniformly rather than by similarity: a
     # fusion encoder from scratch learns nothing from negatives that differ only in binding and sits at the class
@@ -63,13 +65,12 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class RefineConfig:
-    steps: int = 1000  # fusion-only ITM steps after the joint run, towers frozen (train/refine.py); 0: none.
-    # The joint run leaves ITM at chance on a relation's direction; with the mirror term the stage leaves that
-    # saddle (at batch 128 after 700-900 steps, ~0.37 s each) and then ranks both captions and images by it
-    # (synth seed 1, 500 joint + 1000 here: binding 0.915, re-ranked t2i R@1 0.632 against 0.508 contrastive)
+    steps: int = 700  # fusion-only ITM steps after the joint run, towers frozen (train/refine.py); 0: none.
+    # ITM starts at chance on a relation's direction; with the mirror and square terms the stage leaves that
+    # saddle in 200-300 steps (~0.4 s each) and then ranks both captions and images by it
     batch_size: int = 128  # images per step, each with in-batch, opposite-relation and other false captions;
     # 128 left the direction saddle in about half the steps of 64 at twice the cost per step (seed-0 towers:
-    # training direction 0.92 after 800 steps vs 0.64 after 1000), and 1,000 of them fit the budget
+    # training direction 0.92 after 800 steps vs 0.64 after 1000)
     lr: float = (
         1e-3  # constant AdamW learning rate of the fusion encoder: the saddle is left sooner at 1e-3 than
     )
@@ -82,8 +83,10 @@ class RefineConfig:
     mirror_weight: float = 4.0  # the caption's image ranked over its mirror twin (train/twins.py) for that
     # caption: the image-side contrast that re-ranking images for a caption needs, and the term that leads the
     # escape from the saddle (training accuracy 0.80 at 430 steps, relation 0.64); 0: not cached or ranked
-    square_weight: float = 0.0  # the mirror twin with the opposite-relation caption (a true pair: both
-    # directions reversed) ranked over the mirror with the caption and over the image with the twin
+    square_weight: float = 4.0  # the mirror twin with the opposite-relation caption (a true pair: both
+    # directions reversed) ranked over the mirror with the caption and over the image with the twin: the same
+    # two contrasts from the square's other corner, for one more fusion row per image. It left the saddle 3x
+    # sooner (synth seed 1, same towers: training direction 0.97 after 300 steps; 0.58 without, 0.94 at 900)
     reset_fusion: bool = True  # start the stage from a freshly initialised fusion encoder: the joint run's
     # one has settled on attributes and left the direction saddle slowest (synth seed 1, same towers: reversed
     # relations 0.56 -> 0.93 by ITM, binding 0.80 -> 0.90; it re-learns attribute matching within ~200 steps)
@@ -100,8 +103,8 @@ class TrainConfig:
     objectives: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
-    steps: int = 500  # optimizer steps (each of batch_size * grad_accum pairs); with the refinement stage
-    # ~12.5 min on 2 CPU cores (synth seed 1: 6 min joint + 6 min stage)
+    steps: int = 600  # optimizer steps (each of batch_size * grad_accum pairs); with the refinement stage
+    # ~11 min on 2 CPU cores (synth: ~6 min joint + ~5 min stage)
     batch_size: int = 96  # pairs per micro-batch; also the contrastive batch on one process
     hard_batches: float = 0.0  # share of each batch filled with lexical neighbours of the rest's captions:
     # random batches rarely hold captions one word apart. Off by default: at 800 steps on synth scenes it changed

@@ -20,6 +20,7 @@ TINY = [
     "save_every=2",
     "optim.warmup_steps=2",
     "refine.steps=0",
+    "objectives.joint_itm=true",  # these tests train ITM in the joint run; the default leaves it to the stage
 ]
 
 
@@ -164,6 +165,7 @@ def test_refine_stage_trains_only_the_fusion_and_a_resume_redoes_an_unfinished_o
     assert len(stage) == 3 and all({"itm", "itm_acc", "loss"} <= r.keys() for r in stage)
     assert any("rank_relation" in r or "rank_binding" in r for r in stage)
     assert any("rank_mirror" in r for r in stage)  # mirror twins of the directional captions, ranked
+    assert any("rank_square_caption" in r and "rank_square_image" in r for r in stage)  # and their squares
     config = json.loads((tmp_path / "refined" / "config.json").read_text())
     assert config["training"]["refined"] is True and config["training"]["step"] == 4
 
