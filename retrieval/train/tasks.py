@@ -3,6 +3,8 @@
 ItcItmTask is ALBEF's recipe on an OpenCLIP dual encoder: ITC (symmetric InfoNCE, learnable temperature,
 optionally with momentum distillation) + ITM on the fusion encoder with negatives mined from the ITC similarities,
 plus (objectives.text_negatives, NegCLIP) one generated false caption per pair as an extra negative of both.
+With objectives.joint_itm off (the default) the joint step is ITC alone and the fusion encoder trains afterwards,
+in the refinement stage on the frozen towers (train/refine.py).
 The whole computation lives in forward() so that DistributedDataParallel sees every parameter it must reduce.
 """
 
