@@ -11,7 +11,7 @@ cells = [
 
 The same path as `bash demo.sh`, one step per cell, with the training curves plotted. Everything runs offline on
 data the project generates. `STEPS` below is short so the notebook runs in a few minutes on 2 CPU cores; the
-default `retrieval train` (its defaults: a joint ITC run, then the ITM refinement stage; about 11 min) is what the README's figures
+default `retrieval train` (its defaults: a joint ITC run, then the ITM refinement stage; about 12 min) is what the README's figures
 come from.""",
     ),
     (

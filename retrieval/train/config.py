@@ -106,7 +106,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
     steps: int = 600  # optimizer steps (each of batch_size * grad_accum pairs); with the refinement stage
-    # ~11 min on 2 CPU cores (synth: ~6 min joint + ~5 min stage)
+    # ~12 min on 2 CPU cores (synth seeds 2 and 3: 11 min 49 s and 11 min 53 s; ~6.5 min joint, ~5 stage)
     batch_size: int = 96  # pairs per micro-batch; also the contrastive batch on one process
     hard_batches: float = 0.0  # share of each batch filled with lexical neighbours of the rest's captions:
     # random batches rarely hold captions one word apart. Off by default: at 800 steps on synth scenes it changed
