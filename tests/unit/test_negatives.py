@@ -201,14 +201,9 @@ def test_itm_forward_ranks_false_pairs_outside_the_cross_entropy() -> None:
 
     # a scored true pair (text 1 with the image past the batch) compared with a ranked row and a positive
     g = torch.Generator().manual_seed(1)
+    inputs = (fusion, text, mask, image, sim, sim, positives)
     out = itm_forward(
-        fusion,
-        text,
-        mask,
-        image,
-        sim,
-        sim,
-        positives,
+        *inputs,
         generator=g,
         ranked=ranked,
         scored={"pair": (text[1:2], mask[:1], torch.tensor([b]))},
