@@ -150,9 +150,7 @@ def _evaluate(model, pairs, cfg: EvalConfig, image_size, mean, std, tokenizer, d
         index = {c: j for j, c in enumerate(captions)}
         neg_idx = [[index[c] for c in negs] for negs in negatives]
         scale = float(model.logit_scale.exp())
-        result.update(
-            _binding(itm, texts, images, rows, [index[c] for c in truths], neg_idx, kinds, scale)
-        )
+        result.update(_binding(itm, texts, images, rows, [index[c] for c in truths], neg_idx, kinds, scale))
     return result
 
 

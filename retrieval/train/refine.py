@@ -392,14 +392,14 @@ def _step(fusion, cache: RefineCache, data: TrainData, cfg: TrainConfig, batch: 
         if bool(square.any()):
             at_mirror = (torch.cumsum(has_mirror.long(), 0) - 1)[square]  # (s,) rows of the mirror group
             at_twin = (torch.cumsum(has_twin.long(), 0) - 1)[square]  # (s,) rows of the relation group
-            scored["mirror_pair"] = (twin[square], mirrored[at_mirror], None)
+            scored["mirror_pair"] = (twin[square], mirrored[at_mirror])  # (text rows, image rows)
             own = torch.arange(int(square.sum()))
             compared = {
                 "square_caption": (("mirror_pair", own), ("mirror", at_mirror)),
                 "square_image": (("mirror_pair", own), ("relation", at_twin)),
             }
     groups = {name: group for name, group in groups.items() if len(group[0])}
-    used = torch.cat([slots, *(r for r, _, _ in groups.values()), *(r for r, _, _ in scored.values())])
+    used = torch.cat([slots, *(r for r, _, _ in groups.values()), *(r for r, _ in scored.values())])
     length = int(cache.text_mask[used].any(dim=0).nonzero().max()) + 1  # longest of this batch's texts
 
     def texts(r: Tensor) -> tuple[Tensor, Tensor]:
@@ -409,7 +409,7 @@ def _step(fusion, cache: RefineCache, data: TrainData, cfg: TrainConfig, batch: 
         sim = cache.image_feat[pick] @ cache.text_feat[slots].T * scale  # (B, B)
     ids = data.ids[cache.index[pick]].to(device)  # (B,) equal captions are positives of each other
     ranked = {name: (*texts(r), i.to(device), o.to(device)) for name, (r, i, o) in groups.items()}
-    pairs = {name: (*texts(r), i.to(device)) for name, (r, i, _) in scored.items()}
+    pairs = {name: (*texts(r), i.to(device)) for name, (r, i) in scored.items()}
     compared = {
         name: ((true, t.to(device)), (false, f.to(device)))
         for name, ((true, t), (false, f)) in compared.items()
