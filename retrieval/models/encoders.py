@@ -75,7 +75,8 @@ def create_untrained(arch: str, stem: tuple[int, ...] | None | object = _PRESET)
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)
     try:
-        model = open_clip.create_model(arch, pretrained=None)
+        # pretrained_text=False: a Hugging Face text tower starts random too, rather than fetching its hub weights
+        model = open_clip.create_model(arch, pretrained=None, pretrained_text=False)
     finally:
         logging.disable(previous)
     channels = preset_stem(arch) if stem is _PRESET else stem

@@ -17,7 +17,13 @@ import torch
 from retrieval.data.images import ImageDecodeError, load_for_model
 from retrieval.errors import UserError
 from retrieval.eval.metrics import rerank_score, rerank_top_k
-from retrieval.models.albef import PAD_ID, AlbefModel, encode_image_tokens, encode_text_tokens, itm_match_prob
+from retrieval.models.albef import (
+    AlbefModel,
+    encode_image_tokens,
+    encode_text_tokens,
+    itm_match_prob,
+    text_mask,
+)
 from retrieval.train.data import normalize
 
 
@@ -53,7 +59,7 @@ def rerank_hits(
             itm_match_prob(
                 model,
                 text_tokens.expand(n, -1, -1),
-                (ids != PAD_ID).expand(n, -1),
+                text_mask(model.clip, ids).expand(n, -1),
                 image_tokens,
                 torch.arange(n, device=device),
             )

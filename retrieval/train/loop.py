@@ -31,6 +31,7 @@ from retrieval.errors import UserError
 from retrieval.models.albef import AlbefModel
 from retrieval.models.checkpoint import load_dual_encoder, read_config, save_checkpoint
 from retrieval.models.encoders import autocast_dtype, create_clip, resolve_device
+from retrieval.models.towers import check_towers
 from retrieval.train.config import TrainConfig
 from retrieval.train.data import BatchPlan, PairImages, TrainData, describe_skips, load_pairs, normalize
 from retrieval.train.neighbours import caption_neighbours, mined_neighbours
@@ -61,6 +62,7 @@ def build_model(cfg: TrainConfig) -> tuple[AlbefModel, str]:
         else:
             clip, _ = create_clip(mc.arch, mc.pretrained, cfg.seed)
             arch = mc.arch
+        check_towers(clip, arch, itm=cfg.objectives.itm)  # a one-line refusal, not an error mid-step
         with torch.no_grad():
             clip.logit_scale.fill_(math.log(1.0 / cfg.objectives.temperature))
         model = AlbefModel(clip, mc.fusion)

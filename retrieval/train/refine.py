@@ -66,8 +66,9 @@ from tqdm import tqdm
 
 from retrieval.losses.distill import match_belief
 from retrieval.losses.mining import same_id_mask
-from retrieval.models.albef import PAD_ID, AlbefModel, encode_image_tokens, encode_text_tokens, trimmed_length
+from retrieval.models.albef import AlbefModel, encode_image_tokens, encode_text_tokens, trimmed_length
 from retrieval.models.fusion import itm_forward
+from retrieval.models.towers import text_mask
 from retrieval.train.config import TrainConfig
 from retrieval.train.data import TrainData, normalize
 from retrieval.train.negatives import binding_candidates, relation_opposite
@@ -242,7 +243,7 @@ class RefineCache:
         bar.close()
         self.text_feat = torch.cat(feats)  # (U, D) the true captions' features
         self.text_tokens = torch.cat(states)  # (M, L', Wt)
-        self.text_mask = (tokens != PAD_ID).to(device)  # (M, L')
+        self.text_mask = text_mask(model.clip, tokens).to(device)  # (M, L')
         if teacher is not None:
             captions = tokens[:n_captions]  # (U, L')
             self._teacher_text = torch.cat(

@@ -35,7 +35,7 @@ class ItcItmTask(nn.Module):
         self.queue: FeatureQueue | None = None
         if cfg.distill:
             self.momentum_model = model.momentum_copy()
-            dim = int(model.clip.text_projection.shape[1])
+            dim = model.embed_dim
             self.queue = FeatureQueue(dim, cfg.queue_size)
         # negative sampling has its own generator: its state is checkpointed, so a resumed run mines the same
         self.sampler = torch.Generator().manual_seed(seed + 17)
