@@ -35,7 +35,8 @@ def synth(
         int, typer.Option("--workers", min=1, help="Render processes (output is the same)")
     ] = 2,
 ) -> None:
-    """Write captioned scenes of coloured shapes: images/, train.jsonl, heldout.jsonl, synth.json."""
+    """Write captioned scenes of coloured shapes: images/, train.jsonl, heldout.jsonl, heldout_binding.jsonl
+    (caption + negative-caption triples for `eval --binding`), synth.json."""
     from retrieval.data.synth import SynthConfig, generate  # numpy and PIL load only when needed
     from retrieval.errors import UserError
 

@@ -107,6 +107,23 @@ def scene_key(objects: Sequence[dict[str, str]], relation: str | None) -> str:
     return min(caption_for(objects, relation), caption_for(objects[::-1], REVERSED[relation]))
 
 
+def binding_triples(rows: Sequence[dict[str, Any]], seed: int = 0) -> list[dict[str, str]]:
+    """One (image, caption, negative, kind) row per hard negative of each scene, the SugarCrepe layout that
+    `retrieval eval --binding` reads. seed 0 draws what `retrieval eval`'s own synth binding draws (its default
+    seed, the rows in file order), so the two figures agree."""
+    rng = random.Random(seed)
+    return [
+        {
+            "image": row["image"],
+            "caption": caption_for(row["objects"], row.get("relation")),
+            "negative": negative,
+            "kind": kind,
+        }
+        for row in rows
+        for kind, negative in hard_negatives(row, rng)
+    ]
+
+
 def _has_combo(objects: Sequence[dict[str, str]], combos: set[tuple[str, str]]) -> bool:
     return any((o["color"], o["shape"]) in combos for o in objects)
 
@@ -305,7 +322,8 @@ def _add_noise(rows: list[dict[str, Any]], fraction: float, rng: random.Random) 
 
 
 def generate(out_dir: str | Path, cfg: SynthConfig = SynthConfig(), progress: bool = True) -> dict[str, Any]:
-    """Write images/, train.jsonl, heldout.jsonl and synth.json under out_dir; return a summary dict."""
+    """Write images/, train.jsonl, heldout.jsonl, heldout_binding.jsonl (binding_triples) and synth.json under
+    out_dir; return a summary dict."""
     _check(cfg)
     start = time.perf_counter()
     out = Path(out_dir)
@@ -340,6 +358,8 @@ def generate(out_dir: str | Path, cfg: SynthConfig = SynthConfig(), progress: bo
     for split, rows in splits.items():
         with open(out / f"{split}.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
+    with open(out / "heldout_binding.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in binding_triples(splits["heldout"]))
     counts = {"train": n_train, "heldout": n_heldout, "noisy": noisy}
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "workers"}
     meta = {

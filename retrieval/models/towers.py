@@ -17,13 +17,18 @@ Anything else has no token states we can read: `token_widths` says why, and trai
 from __future__ import annotations
 
 import torch
-from open_clip.transformer import text_global_pool
+from open_clip.hf_model import ClsLastHiddenStatePooler, ClsPooler, HFTextEncoder, MeanPooler
+from open_clip.modified_resnet import ModifiedResNet
+from open_clip.timm_model import TimmModel
+from open_clip.transformer import TextTransformer, VisionTransformer, text_global_pool
 from torch import Tensor, nn
 
 from retrieval.errors import UserError
 
 PAD_ID = 0  # OpenCLIP's SimpleTokenizer pads with 0; other tokenizers name theirs (see pad_id)
-_EXACT_HF_POOLERS = ("MeanPooler", "ClsPooler", "ClsLastHiddenStatePooler")  # blind to trailing padding
+_EXACT_HF_POOLERS = (MeanPooler, ClsPooler, ClsLastHiddenStatePooler)  # blind to trailing padding
+_VISION = {"VisionTransformer": VisionTransformer, "ModifiedResNet": ModifiedResNet, "TimmModel": TimmModel}
+_TEXT = {"TextTransformer": TextTransformer, "HFTextEncoder": HFTextEncoder}
 
 
 class TowerError(ValueError):
@@ -33,14 +38,12 @@ class TowerError(ValueError):
 def _family(clip: nn.Module) -> tuple[str, str]:
     """(vision family, text family) names, "" where the tower is of no family read here."""
     visual = getattr(clip, "visual", None)
-    vision = type(visual).__name__ if visual is not None else ""
-    if vision not in ("VisionTransformer", "ModifiedResNet", "TimmModel"):
-        vision = ""
+    vision = next((name for name, cls in _VISION.items() if isinstance(visual, cls)), "")
     text = getattr(clip, "text", None)
-    if text is None:
+    if text is None:  # CLIP keeps its text tower's parts on itself
         kind = "builtin" if hasattr(clip, "token_embedding") and hasattr(clip, "transformer") else ""
     else:
-        kind = type(text).__name__ if type(text).__name__ in ("TextTransformer", "HFTextEncoder") else ""
+        kind = next((name for name, cls in _TEXT.items() if isinstance(text, cls)), "")
     return vision, kind
 
 
@@ -89,7 +92,7 @@ def _device(module: nn.Module) -> torch.device:
 def pad_id(clip: nn.Module) -> int:
     """The id the model's tokenizer pads with: real tokens are the others."""
     text = getattr(clip, "text", None)
-    if type(text).__name__ == "HFTextEncoder":
+    if isinstance(text, HFTextEncoder):
         return int(text.config.pad_token_id if text.config.pad_token_id is not None else 0)
     return int(getattr(text, "pad_id", PAD_ID))
 
@@ -104,11 +107,11 @@ def encode_image_tokens(clip: nn.Module, images: Tensor) -> tuple[Tensor, Tensor
     vision, _ = _family(clip)
     visual = clip.visual
     if vision == "VisionTransformer":
-        visual.output_tokens = True
+        previous, visual.output_tokens = visual.output_tokens, True  # CoCa's tower has it on already
         try:
             pooled, tokens = visual(images)  # (B, D), (B, N, Wv)
         finally:
-            visual.output_tokens = False
+            visual.output_tokens = previous
         return pooled, tokens
     if not vision:
         token_widths(clip)  # raises the reason
@@ -126,7 +129,7 @@ def trimmed_length(clip: nn.Module, text: Tensor) -> int:
     if family == "builtin":
         exact = clip.attn_mask is not None and clip.text_pool_type in ("argmax", "eos", "first")
     elif family == "HFTextEncoder":
-        exact = type(clip.text.pooler).__name__ in _EXACT_HF_POOLERS
+        exact = isinstance(clip.text.pooler, _EXACT_HF_POOLERS)
     else:  # TextTransformer slices no mask to a shorter text
         exact = False
     if not exact:

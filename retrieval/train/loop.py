@@ -62,10 +62,10 @@ def build_model(cfg: TrainConfig) -> tuple[AlbefModel, str]:
         else:
             clip, _ = create_clip(mc.arch, mc.pretrained, cfg.seed)
             arch = mc.arch
-        check_towers(clip, arch, itm=cfg.objectives.itm)  # a one-line refusal, not an error mid-step
         with torch.no_grad():
             clip.logit_scale.fill_(math.log(1.0 / cfg.objectives.temperature))
         model = AlbefModel(clip, mc.fusion)
+    check_towers(clip, arch, itm=cfg.objectives.itm)  # a one-line refusal, not an error mid-step
     return model, arch
 
 

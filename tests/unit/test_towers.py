@@ -7,6 +7,7 @@ import json
 import open_clip
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from retrieval.data.synth import SynthConfig, generate
@@ -73,6 +74,12 @@ def families(tmp_path_factory) -> dict[str, str]:
             "text_cfg": {**TEXT, "no_causal_mask": True, "pool_type": "last", "proj_bias": True},
         },
         "hf-text": {"text_cfg": _hf_tower(root / "hf")},
+        "coca": {  # CoCa's towers: attention-pooled image tokens, a text tower with an appended class token
+            "custom_text": True,
+            "vision_cfg": {**VIT, "attentional_pool": True, "attn_pooler_heads": 2, "output_tokens": True},
+            "text_cfg": {**TEXT, "embed_cls": True, "output_tokens": True},
+            "multimodal_cfg": {**TEXT, "attn_pooler_heads": 2},
+        },
     }
     for family, cfg in configs.items():
         full = {"embed_dim": 32, "vision_cfg": VIT, "text_cfg": TEXT, **cfg}
@@ -81,7 +88,7 @@ def families(tmp_path_factory) -> dict[str, str]:
     return {"vit": "test-micro", **{f: f"family-{f}" for f in configs}}
 
 
-FAMILIES = ["vit", "resnet", "timm-vit", "timm-convnet", "custom-text", "hf-text"]
+FAMILIES = ["vit", "resnet", "timm-vit", "timm-convnet", "custom-text", "hf-text", "coca"]
 
 
 def _batch(arch: str, clip: nn.Module, n: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,12 +131,16 @@ def test_token_path_gives_the_towers_own_features(families, family):
     clip, _ = create_clip(arch, "none", seed=1)
     clip.eval()
     images, text = _batch(arch, clip)
+
+    def same(ours, theirs):  # ITC compares directions
+        torch.testing.assert_close(F.normalize(ours, dim=-1), theirs, atol=1e-5, rtol=1e-4)
+
     with torch.no_grad():
         pooled, tokens = encode_image_tokens(clip, images)
-        torch.testing.assert_close(pooled, clip.encode_image(images), atol=1e-5, rtol=1e-4)
+        same(pooled, clip.encode_image(images, normalize=True))
         assert tokens.dim() == 3 and tokens.shape[0] == len(images)
         pooled, states = encode_text_tokens(clip, text, trim=True)
-        torch.testing.assert_close(pooled, clip.encode_text(text), atol=1e-5, rtol=1e-4)
+        same(pooled, clip.encode_text(text, normalize=True))
         mask = text_mask(clip, text[:, : states.shape[1]])  # (B, L')
         assert mask[:, 0].all() and mask.sum(1).tolist() == text_mask(clip, text).sum(1).tolist()
 
