@@ -28,7 +28,14 @@ import torch
 
 from retrieval.data.pairs import Pair
 from retrieval.errors import UserError
-from retrieval.eval.scoring import PairScorer, Tokenizer, binding_scores, encode_images, encode_texts
+from retrieval.eval.scoring import (
+    PairScorer,
+    Tokenizer,
+    binding_scores,
+    encode_images,
+    encode_texts,
+    evaluating,
+)
 from retrieval.models.albef import AlbefModel
 
 IMAGE_COLUMNS = ("image", "image_path", "filename", "file_name", "filepath", "path")
@@ -145,13 +152,8 @@ def evaluate_binding(
     """ "binding" (ITM), "binding.itc", "binding.rerank", each per kind too ("binding.itc.swap_att"), over every
     (true, false) comparison; "binding.n_triples" scored and "binding.skipped_images" that could not be
     decoded. The model is put in eval mode and restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            return _evaluate(model, triples, cfg, image_size, mean, std, tokenizer, device)
-    finally:
-        model.train(was_training)
+    with evaluating(model):
+        return _evaluate(model, triples, cfg, image_size, mean, std, tokenizer, device)
 
 
 def _evaluate(model, triples, cfg: BindingConfig, image_size, mean, std, tokenizer, device):

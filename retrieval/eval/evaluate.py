@@ -22,7 +22,14 @@ from retrieval.data.pairs import Pair
 from retrieval.data.synth import caption_for, hard_negatives, parse_caption, scene_key
 from retrieval.errors import UserError
 from retrieval.eval.metrics import recall_at_k, rerank_score, rerank_top_k
-from retrieval.eval.scoring import PairScorer, Tokenizer, binding_scores, encode_images, encode_texts
+from retrieval.eval.scoring import (
+    PairScorer,
+    Tokenizer,
+    binding_scores,
+    encode_images,
+    encode_texts,
+    evaluating,
+)
 from retrieval.models.albef import AlbefModel
 
 Report = dict[str, float | int]  # metric name -> value, e.g. {"t2i.R@1": 0.42, "n_images": 1000}
@@ -79,13 +86,8 @@ def evaluate(
 
     Images that fail to decode are skipped and counted. The model is put in eval mode and restored afterwards.
     """
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            return _evaluate(model, pairs, cfg, image_size, mean, std, tokenizer, device)
-    finally:
-        model.train(was_training)
+    with evaluating(model):
+        return _evaluate(model, pairs, cfg, image_size, mean, std, tokenizer, device)
 
 
 def _evaluate(model, pairs, cfg: EvalConfig, image_size, mean, std, tokenizer, device) -> Report:

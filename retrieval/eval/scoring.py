@@ -8,7 +8,8 @@ Used by the recall evaluation (evaluate.py), attribute binding on caption + nega
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,18 @@ from retrieval.train.data import normalize
 
 # captions -> (B, L) token ids, e.g. open_clip.get_tokenizer(arch)
 Tokenizer = Callable[[list[str]], Tensor]
+
+
+@contextlib.contextmanager
+def evaluating(module: nn.Module) -> Iterator[None]:
+    """Eval mode and no autograd inside the block; the module's own mode is restored after it."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        module.train(was_training)
 
 
 @dataclass

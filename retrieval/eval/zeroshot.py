@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from retrieval.data.pairs import FOLDER_IMAGE_EXTS, Pair
 from retrieval.errors import UserError
-from retrieval.eval.scoring import Tokenizer, encode_images, encode_texts
+from retrieval.eval.scoring import Tokenizer, encode_images, encode_texts, evaluating
 
 Template = Callable[[str], str]  # class name -> prompt
 
@@ -118,19 +118,14 @@ def evaluate_zero_shot(
     for the OpenCLIP model `clip` (put in eval mode and restored afterwards)."""
     templates = load_templates(cfg.templates)
     names, candidates = scan_classes(folder)
-    was_training = clip.training
-    clip.eval()
-    try:
-        with torch.inference_mode():
-            prompts = [template(name) for name in names for template in templates]  # class-major
-            texts = encode_texts(clip, tokenizer, prompts, device, cfg.batch_size, keep_tokens=False)
-            classes = class_embeddings(texts.feat, len(names))  # (C, D)
-            gallery, images = encode_images(
-                clip, candidates, image_size, mean, std, device, cfg.batch_size, keep_tokens=False
-            )
-            scores = images.feat @ classes.T  # (N, C)
-    finally:
-        clip.train(was_training)
+    with evaluating(clip):
+        prompts = [template(name) for name in names for template in templates]  # class-major
+        texts = encode_texts(clip, tokenizer, prompts, device, cfg.batch_size, keep_tokens=False)
+        classes = class_embeddings(texts.feat, len(names))  # (C, D)
+        gallery, images = encode_images(
+            clip, candidates, image_size, mean, std, device, cfg.batch_size, keep_tokens=False
+        )
+        scores = images.feat @ classes.T  # (N, C)
     labels = torch.tensor([pair.extra["label"] for pair in gallery], device=scores.device)
     result = {f"zeroshot.{k}": v for k, v in topk_accuracy(scores, labels, cfg.ks).items()}
     return {

@@ -6,18 +6,7 @@ import os
 import pytest
 
 from tests.cli.conftest import run_cli
-
-TINY = [
-    "model.arch=test-micro",
-    "model.fusion.width=32",
-    "model.fusion.layers=1",
-    "model.fusion.heads=2",
-    "batch_size=16",
-    "steps=4",
-    "optim.warmup_steps=2",
-    "refine.steps=3",
-    "refine.batch_size=8",
-]
+from tests.cli.test_train_eval import TINY, sets
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +15,7 @@ def trained(tmp_path_factory):
     scenes, ck = root / "scenes", root / "ck"
     result = run_cli("data", "synth", scenes, "-n", "120", "--image-size", "48")
     assert result.returncode == 0, result.stderr
-    sets = [arg for item in TINY for arg in ("--set", item)]
-    result = run_cli("train", scenes / "train.jsonl", "--out", ck, "-q", *sets)
+    result = run_cli("train", scenes / "train.jsonl", "--out", ck, "-q", *sets(*TINY, "steps=4"))
     assert result.returncode == 0, result.stderr
     # a folder per class: the one-object scenes by their shape
     classes = root / "classes"
