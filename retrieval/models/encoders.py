@@ -17,6 +17,7 @@ import torch
 
 from retrieval.config import EncoderConfig
 from retrieval.errors import UserError
+from retrieval.models import towers
 from retrieval.models.stems import STEMS_FILE, apply_conv_stem, preset_stem
 
 PRESET_DIR = Path(__file__).parent / "configs"
@@ -168,14 +169,10 @@ def model_identity(model: torch.nn.Module, arch: str, weights: str) -> dict[str,
     """What must match for two sets of vectors to be comparable (written to collection manifests)."""
     cfg = model.visual.preprocess_cfg
     size = model.visual.image_size
-    with torch.no_grad():
-        embed_dim = int(model.text_projection.shape[1]) if hasattr(model, "text_projection") else None
-    if embed_dim is None:
-        embed_dim = int(open_clip.get_model_config(arch)["embed_dim"])
     return {
         "arch": arch,
         "weights": weights,
-        "embed_dim": embed_dim,
+        "embed_dim": towers.embed_dim(model),
         "image_size": int(size[0] if isinstance(size, (tuple, list)) else size),
         "mean": [float(v) for v in cfg["mean"]],
         "std": [float(v) for v in cfg["std"]],

@@ -82,6 +82,8 @@ def embed_dim(clip: nn.Module) -> int:
     if text is not None and getattr(text, "output_dim", None):  # TextTransformer, HFTextEncoder
         return int(text.output_dim)
     projection = clip.text_projection
+    if projection is None:  # no projection: the shared space is the text tower's own width
+        return int(clip.transformer.width)
     return int(projection.out_features if isinstance(projection, nn.Linear) else projection.shape[1])
 
 
