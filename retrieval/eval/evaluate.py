@@ -25,7 +25,7 @@ from retrieval.data.synth import caption_for, hard_negatives, parse_caption, sce
 from retrieval.errors import UserError
 from retrieval.eval.metrics import binding_accuracy, recall_at_k, rerank_score, rerank_top_k
 from retrieval.models.albef import PAD_ID, AlbefModel, encode_image_tokens, encode_text_tokens, itm_match_prob
-from retrieval.train.data import normalize
+from retrieval.models.encoders import normalize
 
 # captions -> (B, L) token ids, e.g. open_clip.get_tokenizer(arch)
 Tokenizer = Callable[[list[str]], Tensor]

@@ -18,7 +18,7 @@ from retrieval.data.images import ImageDecodeError, load_for_model
 from retrieval.errors import UserError
 from retrieval.eval.metrics import rerank_score, rerank_top_k
 from retrieval.models.albef import PAD_ID, AlbefModel, encode_image_tokens, encode_text_tokens, itm_match_prob
-from retrieval.train.data import normalize
+from retrieval.models.encoders import normalize
 
 
 def rerank_hits(

@@ -18,6 +18,7 @@ colour-shape combination). Edits that cannot apply leave the row without a negat
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 from collections.abc import Iterable, Sequence
@@ -60,9 +61,13 @@ _WORD_RE = re.compile(r"[a-z]+")
 
 
 def _bigrams(text: str) -> set[int]:
-    """Hashes of the word bigrams (ints: a million captions' bigrams then fit in a few hundred MB)."""
+    """64-bit hashes of the word bigrams (a million captions' bigrams then fit in a few hundred MB); stable across
+    processes, unlike hash(), so a vocabulary built in one process answers in DataLoader workers too."""
     words = _WORD_RE.findall(text.lower())
-    return {hash(pair) for pair in zip(words, words[1:], strict=False)}
+    return {
+        int.from_bytes(hashlib.blake2b(f"{a} {b}".encode(), digest_size=8).digest(), "little")
+        for a, b in zip(words, words[1:], strict=False)
+    }
 
 
 class Vocabulary:
