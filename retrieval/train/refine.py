@@ -75,7 +75,11 @@ def refine_fusion(
     if progress:
         said = "relation, mirror and square terms " + ("on" if relations else "off")
         print(f"refine: {said} ({why}); vertical mirrors {'on' if vertical else 'off'}", file=sys.stderr)
-    terms = {"relation_terms": relations, "vertical_mirrors": vertical, "why": why}  # in the stage's first line
+    terms = {
+        "relation_terms": relations,
+        "vertical_mirrors": vertical,
+        "why": why,
+    }  # in the stage's first line
     towers = [p for p in model.clip.parameters() if p.requires_grad]
     for p in towers:
         p.requires_grad_(False)

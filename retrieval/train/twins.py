@@ -29,6 +29,8 @@ VERTICAL = {
     "bottom": "top",
     "upper": "lower",
     "lower": "upper",
+    "over": "under",
+    "under": "over",
 }
 _WORDS = {
     axis: re.compile(r"\b(" + "|".join(words) + r")\b", re.IGNORECASE)
