@@ -13,7 +13,6 @@ import json
 import multiprocessing
 import random
 import re
-import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -22,10 +21,10 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
 from retrieval.data.wording import WORDINGS, varied_wordings
 from retrieval.errors import UserError
+from retrieval.progress import progress_bar
 
 # Hues far apart so that a 64px, JPEG-compressed crop still names its colour without doubt.
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -341,7 +340,7 @@ def generate(out_dir: str | Path, cfg: SynthConfig = SynthConfig(), progress: bo
         tasks.append((i, str(out / rel), scene, cfg.image_size, cfg.seed, cfg.jpeg_quality))
     noisy = _add_noise(splits["train"], cfg.noise, rng)
 
-    bar = tqdm(total=cfg.n, desc="synth", unit="img", file=sys.stderr, disable=not progress)
+    bar = progress_bar(desc="synth", unit="img", enabled=progress, total=cfg.n)
     if cfg.workers > 1 and cfg.n >= 256:  # below that, starting processes costs more than it saves
         with multiprocessing.get_context().Pool(cfg.workers) as pool:
             for _ in pool.imap_unordered(_render, tasks, chunksize=32):

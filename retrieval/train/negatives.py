@@ -60,8 +60,16 @@ _OPPOSITE = {
 }
 _OPPOSITE.update({v: k for k, v in list(_OPPOSITE.items()) if v not in _OPPOSITE})
 RELATIONS = tuple(sorted(_OPPOSITE, key=len, reverse=True))
-_HORIZONTAL = {"to the left of", "to the right of", "on the left of", "on the right of", "left of", "right of",
-               "to its left", "to its right"}
+_HORIZONTAL = {
+    "to the left of",
+    "to the right of",
+    "on the left of",
+    "on the right of",
+    "left of",
+    "right of",
+    "to its left",
+    "to its right",
+}
 _RELATION_FAMILY = {
     r: (_OPPOSITE[r], *(("above", "below") if r in _HORIZONTAL else ("to the left of", "to the right of")))
     for r in RELATIONS

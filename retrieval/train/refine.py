@@ -26,10 +26,10 @@ from torch import Tensor
 
 from retrieval.losses.mining import same_id_mask
 from retrieval.models.albef import AlbefModel
-from retrieval.models.fusion import itm_forward
 from retrieval.progress import progress_bar
 from retrieval.train.config import RefineConfig, TrainConfig
 from retrieval.train.data import TrainData
+from retrieval.train.itm import itm_forward
 from retrieval.train.negatives import relation_opposite
 from retrieval.train.optim import fused_adamw
 from retrieval.train.refine_cache import RefineCache
