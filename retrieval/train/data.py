@@ -149,12 +149,7 @@ class TrainData:
         if self.images.cache is not None:
             pixels = self.images.cache[idx]  # (B, 3, S, S)
         else:
-            decoded = [(i, self.images[int(i)]) for i in idx]
-            keep = [i for i, p in decoded if p is not None]
-            if not keep:
-                raise UserError("a whole batch of images failed to decode; check the data")
-            pixels = torch.stack([p for _, p in decoded if p is not None])
-            idx = torch.tensor(keep)
+            pixels, idx = self._decode(idx, micro_step)
         chosen = self.pick_captions(idx, self.plan.step_seed(micro_step, salt=29))  # (B,) captions
         batch = TrainBatch(pixels, self.tokens[chosen].long(), self.ids[idx])
         if self.vocabulary is not None:
@@ -163,6 +158,24 @@ class TrainData:
             batch.negative_tokens = self.tokenizer(negatives)  # (B, L)
             batch.negative_valid = torch.tensor(valid)  # (B,)
         return batch
+
+    def _decode(self, idx: torch.Tensor, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode a batch from disk; an image that fails is replaced by another, drawn with a seeded generator,
+        so every batch (on every rank) keeps its shape and no rank waits on a short one."""
+        g = torch.Generator().manual_seed(self.plan.step_seed(micro_step, salt=31))
+        pool = self.plan.indices
+        pixels, kept = [], []
+        for i in idx.tolist():
+            for _ in range(100):
+                image = self.images[i]
+                if image is not None:
+                    break
+                i = int(pool[torch.randint(len(pool), (1,), generator=g)])
+            else:
+                raise UserError("100 images in a row failed to decode; check the data")
+            pixels.append(image)
+            kept.append(i)
+        return torch.stack(pixels), torch.tensor(kept)  # (B, 3, S, S), (B,)
 
     def batches(self, start: int) -> Iterator[TrainBatch]:
         """Micro-batches from micro-step `start` on, without end."""

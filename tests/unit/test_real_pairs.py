@@ -253,3 +253,24 @@ def test_an_empty_image_id_falls_back_to_the_path(tmp_path):
     assert image_key(Pair(str(tmp_path / "x.png"), str(tmp_path / "x.png"), "c", {"img_id": ""})) == str(
         tmp_path / "x.png"
     )
+
+
+def test_batches_decoded_from_disk_replace_broken_images_and_keep_their_shape(tmp_path):
+    from retrieval.train.data import PairImages
+
+    pairs = []
+    for i in range(12):
+        path = tmp_path / f"{i}.png"
+        if i % 3 == 0:
+            path.write_bytes(b"broken")
+        else:
+            Image.new("RGB", (8, 8), (i * 20, 0, 0)).save(path)
+        pairs.append(Pair(str(path), str(path), f"caption {i}", {}))
+    groups = group_pairs(pairs)
+    images = PairImages(groups.images, 8, cache=False, max_cache_gb=1.0, progress=False)
+    plan = BatchPlan(images.valid, batch_size=6, seed=0)
+    data = TrainData(groups, images, open_clip.get_tokenizer("test-micro"), plan)
+    for m in range(4):
+        batch = data.batch(m)
+        assert batch.pixels.shape == (6, 3, 8, 8) and batch.tokens.shape[0] == batch.ids.shape[0] == 6
+        assert torch.equal(batch.pixels, data.batch(m).pixels)  # the same replacements on a resume
