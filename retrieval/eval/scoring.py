@@ -27,7 +27,7 @@ from retrieval.models.albef import (
     itm_match_prob,
     text_mask,
 )
-from retrieval.train.data import normalize
+from retrieval.models.encoders import normalize
 
 # captions -> (B, L) token ids, e.g. open_clip.get_tokenizer(arch)
 Tokenizer = Callable[[list[str]], Tensor]

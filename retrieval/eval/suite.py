@@ -30,9 +30,9 @@ class SuiteConfig:
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, cfg: SuiteConfig) -> Report:
     """One flat report: the recall keys ("t2i.R@1", ...), "binding*" and "zeroshot.*"."""
+    from retrieval.data.pairs import load_pairs
     from retrieval.models.albef import with_fusion
     from retrieval.models.checkpoint import load_dual_encoder
-    from retrieval.train.data import load_pairs
 
     if not (cfg.pairs or cfg.binding or cfg.zero_shot):
         raise UserError("nothing to evaluate: pass held-out PAIRS, --binding TRIPLES or --zero-shot FOLDER")

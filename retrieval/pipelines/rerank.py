@@ -24,7 +24,7 @@ from retrieval.models.albef import (
     itm_match_prob,
     text_mask,
 )
-from retrieval.train.data import normalize
+from retrieval.models.encoders import normalize
 
 
 def rerank_hits(
@@ -66,8 +66,9 @@ def rerank_hits(
             .float()
             .cpu()
         )  # (K,)
+        scale = float(model.logit_scale.exp())  # read without autograd: no graph, no requires_grad warning
     cosine = torch.tensor([float(h["score"]) for h in readable])  # (K,) the index's similarities
-    fused = rerank_score(cosine, probs, float(model.logit_scale.exp()))  # (K,)
+    fused = rerank_score(cosine, probs, scale)  # (K,)
     order = rerank_top_k(cosine[None], n, lambda _, image: fused[image]).argsort(dim=1, descending=True)[0]
     ranked = [
         {**readable[int(i)], "itm": float(probs[int(i)]), "rerank": float(fused[int(i)])} for i in order
