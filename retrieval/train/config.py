@@ -20,17 +20,11 @@ FREEZE = ("none", "image", "text", "towers")
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str = (
-        "tiny-cvit-64"  # OpenCLIP architecture or preset; this one (conv stem, fixed 2D positions) trains
-    )
-    # on a CPU in minutes and learns spatial relations within that budget
+    arch: str = "tiny-cvit-64"  # OpenCLIP architecture or preset; this one (conv stem, fixed 2D positions)
+    # trains on a CPU in minutes and learns spatial relations within that budget
     pretrained: str = "none"  # OpenCLIP tag, local weights file, or none (train from scratch)
-    init_checkpoint: str | None = (
-        None  # start from a checkpoint of ours (fine-tuning); wins over arch/pretrained
-    )
-    freeze: str = (
-        "none"  # none | image (LiT: locked image tower) | text | towers (only the fusion/ITM trains)
-    )
+    init_checkpoint: str | None = None  # a checkpoint of ours to fine-tune; wins over arch/pretrained
+    freeze: str = "none"  # none | image (LiT: a locked image tower) | text | towers (only the fusion trains)
     fusion: FusionConfig = field(default_factory=lambda: FusionConfig(width=128, layers=2, heads=4))
 
 
@@ -39,32 +33,26 @@ class ObjectiveConfig:
     itc: bool = True  # image-text contrastive (symmetric InfoNCE, learnable temperature)
     itm: bool = True  # image-text matching on the fusion encoder
     itm_weight: float = 1.0  # ITM's share of the total loss
-    joint_itm: bool = (
-        False  # ITM in every joint step too (ALBEF), its gradients reaching the towers; off: the
-    )
-    # fusion learns in the refinement stage on the frozen towers, and a joint step skips the fusion pass
+    joint_itm: bool = False  # ITM in every joint step too (ALBEF); off: the fusion learns in the refinement
+    # stage on the frozen towers, and a joint step skips the fusion pass
     negatives: str = "hard"  # ITM negatives: hard (sampled by contrastive similarity, ALBEF) or random
     easy_share: float = 0.5  # share of ITM's mined negatives drawn uniformly: a fusion trained from scratch
     # learns nothing when every negative differs from the positive only in binding
-    text_negatives: bool = (
-        True  # one rule-made false caption per pair as an extra ITC and ITM negative (NegCLIP;
-    )
-    # train/negatives.py): teaches binding and relations that random batches never contrast
+    text_negatives: bool = True  # one rule-made false caption per pair as an extra ITC and ITM negative
+    # (NegCLIP; train/negatives.py): binding and relations that random batches never contrast
     distill: bool = False  # ALBEF momentum distillation: soft ITC targets from an EMA model + feature queue
     alpha: float = 0.4  # weight of the momentum model's soft targets (ALBEF: 0.4)
     momentum: float = 0.995  # EMA decay of the momentum model
     queue_size: int = 2048  # momentum features kept for extra contrastive negatives
-    temperature: float = (
-        0.07  # initial temperature of a model trained from scratch (CLIP's); it is learned. A
-    )
-    # pretrained start keeps its own
+    temperature: float = 0.07  # initial temperature from scratch (CLIP's), then learned; a pretrained start
+    # keeps its own
     max_logit_scale: float = 100.0  # clamp on 1/temperature, as CLIP does
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    preset: str = "auto"  # auto: finetune when the start is pretrained (a tag, a weights file or a checkpoint
-    # of ours), else scratch. The finetune preset (FINETUNE below) lowers the rates; set values win over it
+    preset: str = "auto"  # auto: finetune for a pretrained start (a tag, a weights file, a checkpoint of
+    # ours), else scratch; the finetune preset (FINETUNE below) lowers the rates, and set values win over it
     lr: float = 1e-3  # peak AdamW learning rate: tiny models from scratch like it high
     weight_decay: float = 0.05  # not applied to norms, biases, embeddings or the temperature
     warmup_steps: int = 100  # linear warmup, then cosine decay to min_lr_ratio * lr
@@ -72,10 +60,9 @@ class OptimConfig:
     grad_clip: float = 1.0  # max grad norm; 0 disables
     betas: tuple[float, float] = (0.9, 0.98)  # CLIP's; 0.98 steadies the contrastive loss
     fusion_lr_scale: float = 1.0  # the fusion encoder's learning rate as a share of lr
-    layer_decay: float = (
-        1.0  # layer-wise lr decay: block k of n in a tower trains at lr * layer_decay^(n - k),
-    )
-    # embeddings at the lowest rate (BEiT/ELECTRA fine-tuning); 1: off
+    layer_decay: float = 1.0  # layer-wise decay (BEiT): block k of n at lr * layer_decay^(n - k); 1: off
+    wise: float = 1.0  # share of the fine-tuned weights in the final checkpoint; below 1 they are averaged
+    # with the start's (WiSE-FT, Wortsman et al. 2022), which keeps most of what the start knew
 
 
 @dataclass(frozen=True)
@@ -85,28 +72,19 @@ class RefineConfig:
     lr: float = 1e-3  # constant AdamW learning rate of the fusion encoder
     itm_weight: float = 2.0  # in-batch ITM cross-entropy: keeps the head calibrated for re-ranking
     binding_weight: float = 2.0  # caption ranked over one attribute/noun-swapped twin (negatives.py)
-    relation_terms: str = (
-        "auto"  # auto | on | off: the relation, mirror and square terms below, which rely on
-    )
-    # captions that name a spatial relation between two phrases; auto: on when at least relation_share of the
-    # training captions do (the run log says which and why)
+    relation_terms: str = "auto"  # auto | on | off: the relation, mirror and square terms, which need
+    # captions naming a spatial relation between two phrases; auto: on when relation_share of them do
     relation_share: float = 0.3  # share of captions with a reversible relation that turns relation_terms on
-    relation_weight: float = (
-        4.0  # caption ranked over its opposite-relation twin: the direction of a relation
-    )
-    mirror_weight: float = (
-        4.0  # the caption's image ranked over its mirror twin (train/twins.py) for that caption
-    )
-    square_weight: float = (
-        4.0  # the mirror twin with the opposite-relation caption (a true pair) ranked over the
-    )
-    # mirror with the caption and over the image with the twin: the same contrasts from the square's other corner
+    relation_weight: float = 4.0  # caption ranked over its opposite-relation twin: a relation's direction
+    mirror_weight: float = 4.0  # the caption's image ranked over its mirror twin (train/twins.py)
+    square_weight: float = 4.0  # the mirror with the opposite-relation caption (a true pair) ranked over the
+    # mirror with the caption and over the image with the twin: the same contrasts from the other corner
     vertical_mirrors: str = "auto"  # auto | on | off: mirrors also flip upside down for above/below captions;
-    # auto: only when relation terms are on (photos are never upside down)
-    reset_fusion: bool = True  # start the stage from a freshly initialised fusion encoder (not when the start
-    # checkpoint brought a trained one: the finetune preset turns it off)
-    teacher_sampling: bool = True  # with objectives.distill, draw pairs in proportion to the momentum model's
-    # belief that they match (losses/distill.py match_belief), not uniformly
+    # auto: only when the relation terms are on (photos are never upside down)
+    reset_fusion: bool = True  # start the stage from a fresh fusion encoder (the finetune preset keeps the
+    # start checkpoint's trained one)
+    teacher_sampling: bool = True  # with objectives.distill, draw pairs in proportion to the momentum
+    # model's belief that they match (losses/distill.py match_belief), not uniformly
     max_pairs: int = 8192  # training images whose frozen token states are cached for the stage
     max_cache_gb: float = 1.0  # fewer images are cached when their token states would exceed this
 
@@ -118,23 +96,19 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
     steps: int = 600  # optimizer steps (each of batch_size * grad_accum images); with the refinement stage
-    # about 12 minutes on 2 CPU cores (docs/training.md)
+    # about 12 minutes on 2 idle CPU cores (docs/training.md)
     batch_size: int = 96  # images per micro-batch, each with one of its captions; the contrastive batch
     grad_accum: int = 1  # micro-batches per optimizer step (each micro-batch is its own contrastive batch)
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or fp32, bf16, fp16
     grad_checkpointing: bool = False  # recompute tower activations in backward: less memory, ~30% slower
     seed: int = 0  # model init, data order and negative sampling all derive from it
-    stream: str = (
-        "auto"  # auto | memory | stream: hold the pairs in memory, or stream them through DataLoader
-    )
-    # workers (train/stream.py), memory flat however large the source; auto streams WebDataset shards
+    stream: str = "auto"  # auto | memory | stream: hold the pairs in memory, or stream them through
+    # DataLoader workers (train/stream.py), memory flat; auto streams WebDataset shards
     workers: int = 2  # DataLoader decode processes when streaming
     shuffle_buffer: int = 2048  # samples each streaming worker shuffles among
     cache_images: bool = True  # in memory: decode the training images once, kept as uint8
     max_cache_gb: float = 4.0  # above this the in-memory images are decoded per batch instead
-    eval_pairs: str | None = (
-        None  # pairs file to evaluate on during training (e.g. heldout.jsonl), also at step 0
-    )
+    eval_pairs: str | None = None  # pairs to evaluate on during training (e.g. heldout.jsonl), step 0 too
     eval_every: int = 500  # steps between evaluations (and at the end)
     eval_limit: int = 1000  # images of eval_pairs used during training (full eval: `retrieval eval`)
     save_every: int = 250  # steps between resumable checkpoints
@@ -143,11 +117,11 @@ class TrainConfig:
 
 
 # The finetune preset: what a pretrained start gets under optim.preset=auto (or =finetune), unless set. Small
-# rates keep what the model knew (the CLIP fine-tuning recipes: lr ~1e-5 to 1e-4 with warmup), the trained
-# fusion is kept, and the refinement stage is shorter and gentler.
+# rates keep what the model knew (CLIP fine-tuning recipes: lr ~1e-5 to 1e-4 with warmup), the final weights
+# are averaged with the start's (WiSE-FT), the trained fusion is kept, and the refinement is shorter.
 FINETUNE: dict[str, Any] = {
     "steps": 300,
-    "optim": {"lr": 5e-5, "warmup_steps": 30, "weight_decay": 0.1, "min_lr_ratio": 0.1},
+    "optim": {"lr": 5e-5, "warmup_steps": 30, "weight_decay": 0.1, "min_lr_ratio": 0.1, "wise": 0.5},
     "refine": {"steps": 200, "lr": 1e-4, "reset_fusion": False},
 }
 
@@ -252,6 +226,10 @@ def _check(cfg: TrainConfig) -> None:
         raise UserError(
             f"stream={cfg.stream!r}, workers={cfg.workers}, shuffle_buffer={cfg.shuffle_buffer}: need stream "
             "auto, memory or stream, workers >= 0, shuffle_buffer >= 1"
+        )
+    if not 0 < cfg.optim.wise <= 1:
+        raise UserError(
+            f"optim.wise={cfg.optim.wise}: must be in (0, 1] (1: the fine-tuned weights as they are)"
         )
     if not 0 < cfg.optim.layer_decay <= 1:
         raise UserError(f"optim.layer_decay={cfg.optim.layer_decay}: must be in (0, 1]")

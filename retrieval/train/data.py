@@ -28,12 +28,8 @@ class TrainBatch:
     pixels: torch.Tensor  # (B, 3, S, S) uint8
     tokens: torch.Tensor  # (B, L) long
     ids: torch.Tensor  # (B,) long: rows of one image, or of images sharing a caption, are positives
-    negative_tokens: torch.Tensor | None = (
-        None  # (B, L) long: a generated false caption per row (negatives.py)
-    )
-    negative_valid: torch.Tensor | None = (
-        None  # (B,) bool: False where no rule applied (the row repeats its caption)
-    )
+    negative_tokens: torch.Tensor | None = None  # (B, L): a rule-made false caption per row (negatives.py)
+    negative_valid: torch.Tensor | None = None  # (B,) bool: False where no rule applied (the caption repeats)
 
 
 def load_groups(source: str | os.PathLike, stats: PairStats | None = None) -> ImageGroups:

@@ -71,16 +71,16 @@ def train(
 
     last = min(cfg.steps, stop_after) if stop_after else cfg.steps
     step, metrics = _joint_steps(run, start, last, log, eval_pairs, metrics, progress)
-    if (
-        cfg.objectives.itm
-        and cfg.refine.steps > 0
-        and step == cfg.steps
-        and not (start == cfg.steps and refined)
-    ):
+    stage = cfg.objectives.itm and cfg.refine.steps > 0
+    finished = step == cfg.steps and step > start  # this call trained the last joint step
+    if stage and step == cfg.steps and not (start == cfg.steps and refined):
         # a run killed during the stage resumes from the joint run's last checkpoint and refines again
         metrics = _refine_stage(run, step, log, eval_pairs, metrics, progress)
+        finished = True
     elif run.rank == 0 and step == start and start:
         log_line(f"{out} had already reached step {start}")
+    if finished and run.start_state is not None and run.rank == 0:
+        metrics = _wise(run, step, log, eval_pairs, metrics, refined=stage)
     if run.world > 1:
         dist.barrier()
     return {"out": str(out), "steps": step, "metrics": metrics}
@@ -184,7 +184,35 @@ def _refine_stage(run: Run, step: int, log, eval_pairs, metrics, progress: bool)
     return metrics
 
 
-def _checkpoint(run: Run, step: int, metrics: dict[str, Any], refined: bool = False) -> None:
+def _wise(run: Run, step: int, log, eval_pairs, metrics, refined: bool) -> dict[str, Any]:
+    """WiSE-FT: the final weights moved back towards the start's, by optim.wise, then saved as the checkpoint. The
+    resume state keeps the fine-tuned weights themselves."""
+    alpha = run.cfg.optim.wise
+    with torch.no_grad():
+        for name, tensor in run.model.state_dict().items():
+            start = run.start_state.get(name)
+            if start is not None and tensor.is_floating_point():
+                tensor.copy_(start.to(tensor.device, tensor.dtype).lerp(tensor, alpha))
+    if eval_pairs is not None:
+        metrics = _evaluate(run, eval_pairs)
+    log(
+        {
+            "step": run.cfg.steps + (run.cfg.refine.steps if refined else 0),
+            "stage": "wise",
+            "wise": alpha,
+            **{f"eval.{k}": v for k, v in metrics.items()},
+        }
+    )
+    log_line(
+        f"final weights: {alpha:g} of the fine-tuned ones + {1 - alpha:g} of the start's (optim.wise, WiSE-FT)"
+    )
+    _checkpoint(run, step, metrics, refined=refined, state=False)
+    return metrics
+
+
+def _checkpoint(
+    run: Run, step: int, metrics: dict[str, Any], refined: bool = False, state: bool = True
+) -> None:
     cfg = run.cfg
     extra = {
         "training": {
@@ -193,11 +221,13 @@ def _checkpoint(run: Run, step: int, metrics: dict[str, Any], refined: bool = Fa
             "refined": refined,
             "config": dataclasses.asdict(cfg),
             "metrics": metrics,
+            "wise": cfg.optim.wise if run.start_state is not None and not state else None,
         },
         "fusion": dataclasses.asdict(run.model.fusion_cfg),
     }
     save_checkpoint(run.out, run.arch, run.task.components(refined or run.fusion_trained), extra=extra)
-    saved.save_state(run.out, run.task, run.opt, run.sched, step, {"data": run.data.state()})
+    if state:
+        saved.save_state(run.out, run.task, run.opt, run.sched, step, {"data": run.data.state()})
 
 
 def _evaluate(run: Run, pairs) -> dict[str, Any]:

@@ -43,6 +43,10 @@ class Run:
     sched: Any
     frozen: list[torch.nn.Module]  # modules kept in eval mode while the rest trains
     fusion_trained: bool  # the start brought a trained fusion/ITM head (a checkpoint of ours)
+    start_state: (
+        dict[str, torch.Tensor] | None
+    )  # the start's trained weights (model state dict keys), kept on the
+    # CPU for optim.wise < 1: the final checkpoint interpolates towards them
     summary: str  # one line for the log: what was read and skipped
 
     @property
@@ -135,6 +139,12 @@ def setup(source: str, out: Path, cfg: TrainConfig, progress: bool) -> Run:
     opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, fused=fused_adamw(device))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     amp = autocast_dtype(device, cfg.precision)
+    start_state = None
+    if cfg.optim.wise < 1 and pretrained_start(cfg.model):
+        trained = {
+            k: v for k, v in model.state_dict().items() if fusion_trained or not k.startswith("fusion.")
+        }
+        start_state = {k: v.detach().to("cpu", copy=True) for k, v in trained.items()}
     return Run(
         cfg,
         source,
@@ -151,6 +161,7 @@ def setup(source: str, out: Path, cfg: TrainConfig, progress: bool) -> Run:
         sched,
         frozen,
         fusion_trained,
+        start_state,
         summary,
     )
 

@@ -120,6 +120,16 @@ def test_fine_tuning_keeps_the_start_and_step_0_evaluates_it(coco, tmp_path):
     )
     for key in ("t2i.R@1", "t2i.R@5", "i2t.R@1"):
         assert log[0][f"eval.{key}"] == own[key], key
+    # WiSE-FT (the preset's optim.wise=0.5): the checkpoint is the midpoint of the start and the fine-tuned
+    # weights, which the resume state keeps as they are
+    raw = load_file(str(tmp_path / "ft" / "resume" / "task.safetensors"))
+    begin = load_file(str(tmp_path / "start" / "dual_encoder.safetensors"))
+    final = load_file(str(tmp_path / "ft" / "dual_encoder.safetensors"))
+    moved = [k for k in final if not torch.equal(raw[f"model.clip.{k}"], begin[k])]
+    assert moved
+    for k in moved:
+        torch.testing.assert_close(final[k], (begin[k] + raw[f"model.clip.{k}"]) / 2, rtol=1e-5, atol=1e-6)
+    assert log[-1]["stage"] == "wise" and log[-1]["wise"] == 0.5
     tuned, _ = load_albef(tmp_path / "ft")
     assert float(tuned.logit_scale) == pytest.approx(
         float(start.logit_scale), rel=0.05
