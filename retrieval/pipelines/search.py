@@ -18,6 +18,7 @@ from retrieval.config import EncoderConfig
 from retrieval.data.images import IMAGE_EXTENSIONS, ImageDecodeError, load_for_model
 from retrieval.errors import UserError
 from retrieval.models.encoders import Encoder, load_encoder
+from retrieval.pipelines.model_choice import collection_encoder
 from retrieval.pipelines.rerank import load_reranker, rerank_hits, rerank_text
 
 _SPLIT = re.compile(r"\s+([+-])\s+")  # operators need spaces around them, so "t-shirt" stays one term
@@ -80,19 +81,7 @@ def query_vector(encoder: Encoder, terms: list[QueryTerm]) -> np.ndarray:
 
 def encoder_config_for(collection: Collection, device: str = "auto") -> EncoderConfig:
     """The collection's own model, rebuilt from its manifest."""
-    source = collection.model.get("source") or {}
-    checkpoint = source.get("checkpoint")
-    if checkpoint and not os.path.isdir(checkpoint):
-        raise UserError(
-            f"{collection.directory} was built with checkpoint {checkpoint}, which is gone; pass --checkpoint"
-        )
-    return EncoderConfig(
-        arch=source.get("arch", collection.model["arch"]),
-        pretrained=source.get("pretrained", "none"),
-        checkpoint=checkpoint,
-        seed=int(source.get("seed", 0)),
-        device=device,
-    )
+    return collection_encoder(collection.directory, collection.model, device)
 
 
 def search(
