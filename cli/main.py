@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from cli import data, output
+from cli import serve as serve_cmd
 from cli import train as train_cmds
 from cli.errors import handle_errors
 
@@ -26,6 +27,7 @@ app = typer.Typer(
 app.add_typer(data.app, name="data")
 app.command(name="train")(train_cmds.train)
 app.command(name="eval")(train_cmds.evaluate)
+app.command(name="serve")(serve_cmd.serve)
 
 
 ModelOpt = Annotated[
@@ -115,12 +117,16 @@ def search(
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Find images in a collection by text, by image, or both."""
-    from retrieval.pipelines import search as search_pipeline
-    from retrieval.pipelines.model_choice import search_encoder
+    """Find images in a collection by text, by image, or both (through `retrieval serve` when one runs)."""
+    hits = None
+    if model is None and pretrained is None and checkpoint is None and not rerank:
+        hits = _search_on_server(db, query, str(image) if image else None, k)
+    if hits is None:
+        from retrieval.pipelines import search as search_pipeline
+        from retrieval.pipelines.model_choice import search_encoder
 
-    cfg = search_encoder(db, model, pretrained, str(checkpoint) if checkpoint else None, seed, device)
-    hits = search_pipeline.search(db, query, str(image) if image else None, k, cfg, device, rerank)
+        cfg = search_encoder(db, model, pretrained, str(checkpoint) if checkpoint else None, seed, device)
+        hits = search_pipeline.search(db, query, str(image) if image else None, k, cfg, device, rerank)
     if html:
         from retrieval.pipelines.contact_sheet import write_contact_sheet
 
@@ -130,6 +136,20 @@ def search(
         typer.echo(json.dumps([output.hit_dict(h) for h in hits]))
     else:
         output.print_hits(hits)
+
+
+def _search_on_server(db: Path, query: str | None, image: str | None, k: int) -> list | None:
+    """Hits from a running `retrieval serve` of this collection; None when there is none (or it went away)."""
+    from retrieval.serve import client, discovery
+
+    url = discovery.find(db)
+    if url is None:
+        return None
+    try:
+        return client.search(url, query, image, k, rerank=0)
+    except client.ServerUnavailable as e:
+        typer.echo(f"note: the server at {url} did not answer ({e}); searching in-process", err=True)
+        return None
 
 
 def main() -> None:  # pragma: no cover

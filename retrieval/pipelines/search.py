@@ -32,7 +32,9 @@ class QueryTerm:
     image: str | None = None  # a path: a term naming an existing image file is an image query
 
 
-def parse_query(query: str) -> list[QueryTerm]:
+def parse_query(query: str, files: bool = True) -> list[QueryTerm]:
+    """files=False: every term is text, even one naming an image file (a server must not read its own files
+    on a client's say-so)."""
     query = query.strip()
     if not query:
         raise UserError("empty query: give some text, or --image FILE")
@@ -49,7 +51,7 @@ def parse_query(query: str) -> list[QueryTerm]:
         term = term.strip()
         if not term:
             raise UserError(f"query {query!r}: an operator has nothing after it")
-        is_image = os.path.isfile(term) and os.path.splitext(term)[1].lower() in IMAGE_EXTENSIONS
+        is_image = files and os.path.isfile(term) and os.path.splitext(term)[1].lower() in IMAGE_EXTENSIONS
         out.append(QueryTerm(s * weight, image=term) if is_image else QueryTerm(s * weight, text=term))
     return out
 
