@@ -165,11 +165,12 @@ def create_app(engine: Engine, on_start=None, on_stop=None) -> FastAPI:
         if row is None:
             raise HTTPException(404, f"no image with id {id} in the collection")
         meta = json.loads(row.get("meta") or "{}")
-        keys = ("id", "size", "width", "height")
+        keys = ("size", "width", "height")
         return {
             **json_fields(row["path"]),
             "display": display(row["path"]),
             **{k: row[k] for k in keys},
+            "id": str(row["id"]),
             "caption": meta.get("caption"),
         }
 

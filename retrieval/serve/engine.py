@@ -16,7 +16,7 @@ import torch
 
 from indexes.collection import Collection
 from indexes.manifest import check_model, describe_model
-from indexes.paths import json_fields
+from indexes.paths import display, json_fields
 from retrieval.config import EncoderConfig
 from retrieval.errors import UserError
 from retrieval.models.encoders import load_encoder
@@ -35,9 +35,18 @@ class SearchQuery:
 
 
 def public_hit(hit: dict[str, Any]) -> dict[str, Any]:
-    """A hit as the API answers it: the name in its reversible JSON form (indexes/paths.py), then figures."""
-    keys = ("id", "score", "itm", "rerank", "width", "height", "size")
-    return {**json_fields(hit["path"]), **{k: hit[k] for k in keys if k in hit}}
+    """A hit as the API answers it: the name in its reversible JSON form (indexes/paths.py), the row id as a
+    decimal string (ids use 63 bits; JavaScript numbers hold 53), then the figures. A name that does not
+    print as it is (bytes not UTF-8, tabs, newlines) also carries "display", the one-line form to show."""
+    keys = ("score", "itm", "rerank", "width", "height", "size")
+    shown = display(hit["path"])
+    extra = {"display": shown} if shown != hit["path"] else {}
+    return {
+        **json_fields(hit["path"]),
+        **extra,
+        "id": str(hit["id"]),
+        **{k: hit[k] for k in keys if k in hit},
+    }
 
 
 class Engine:
