@@ -36,6 +36,7 @@ from retrieval.serve.engine import Engine, SearchQuery, public_hit
 from retrieval.serve.metrics import Metrics
 
 STATIC = Path(__file__).parent / "static"
+RowId = Annotated[int, Query(ge=0, le=2**63 - 1, description="A row id from a search answer")]  # int64 ids
 
 
 class SafeJSON(JSONResponse):
@@ -153,14 +154,14 @@ def create_app(engine: Engine, on_start=None, on_stop=None) -> FastAPI:
         return await run(SearchQuery(k=check_k(body.k), vector=vector))
 
     @app.get("/neighbours", summary="The images nearest one in the collection")
-    async def neighbours(id: int, k: int = 12) -> list[dict[str, Any]]:  # noqa: A002 - the API's name
+    async def neighbours(id: RowId, k: int = 12) -> list[dict[str, Any]]:  # noqa: A002 - the API's name
         found = await batcher.run_alone(engine.neighbours, id, check_k(k))
         if found is None:
             raise HTTPException(404, f"no image with id {id} in the collection")
         return [public_hit(h) for h in found]
 
     @app.get("/item", summary="One image's details: path, size, dimensions, caption where known")
-    async def item(id: int) -> dict[str, Any]:  # noqa: A002
+    async def item(id: RowId) -> dict[str, Any]:  # noqa: A002
         row = await run_in_threadpool(engine.row, id)
         if row is None:
             raise HTTPException(404, f"no image with id {id} in the collection")
@@ -186,7 +187,7 @@ def create_app(engine: Engine, on_start=None, on_stop=None) -> FastAPI:
         return buf.getvalue()
 
     @app.get("/thumbnail", summary="A JPEG thumbnail of an image of the collection (by id or exact path)")
-    async def thumbnail(id: int | None = None, path: str | None = None) -> Response:  # noqa: A002
+    async def thumbnail(id: RowId | None = None, path: str | None = None) -> Response:  # noqa: A002
         if (id is None) == (path is None):
             raise HTTPException(422, "give exactly one of id or path")
         image_id = id if id is not None else path_id(path)

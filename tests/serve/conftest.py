@@ -88,3 +88,12 @@ def runner():
     from typer.testing import CliRunner
 
     return CliRunner()
+
+
+@pytest.fixture(scope="package")
+def http_session(live):
+    """One client for a whole module: hypothesis runs a test body many times under one fixture value."""
+    import httpx
+
+    with httpx.Client(base_url=live.url, timeout=60) as client:
+        yield client
