@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from cli import data, output
+from cli import serve as serve_cmd
 from cli import train as train_cmds
 from cli.errors import handle_errors
 
@@ -26,13 +27,22 @@ app = typer.Typer(
 app.add_typer(data.app, name="data")
 app.command(name="train")(train_cmds.train)
 app.command(name="eval")(train_cmds.evaluate)
+app.command(name="serve")(serve_cmd.serve)
 
 
-ModelOpt = Annotated[str, typer.Option("--model", help="OpenCLIP architecture, e.g. ViT-B-32, or a preset")]
-PretrainedOpt = Annotated[
-    str,
+ModelOpt = Annotated[
+    str | None,
     typer.Option(
-        "--pretrained", help="OpenCLIP pretrained tag, a local weights file, or 'none' (seeded random)"
+        "--model",
+        help="OpenCLIP architecture, e.g. ViT-B-32, or a preset [default: the collection's, else ViT-B-32]",
+    ),
+]
+PretrainedOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--pretrained",
+        help="OpenCLIP pretrained tag, a local weights file, or 'none' (random weights, explicitly) "
+        "[default: the collection's, else laion2b_s34b_b79k]",
     ),
 ]
 CheckpointOpt = Annotated[
@@ -40,18 +50,9 @@ CheckpointOpt = Annotated[
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N]")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of random init (with --pretrained none)")]
-
-
-def encoder_config(model: str, pretrained: str, checkpoint: Path | None, seed: int, device: str):
-    from retrieval.config import EncoderConfig
-
-    return EncoderConfig(
-        arch=model,
-        pretrained=pretrained,
-        checkpoint=str(checkpoint) if checkpoint else None,
-        seed=seed,
-        device=device,
-    )
+IndexSeedOpt = Annotated[
+    int | None, typer.Option("--seed", help="Seed of random init (with --pretrained none) [default: 0]")
+]
 
 
 @app.command()
@@ -59,10 +60,10 @@ def encoder_config(model: str, pretrained: str, checkpoint: Path | None, seed: i
 def index(
     paths: Annotated[list[Path], typer.Argument(help="Image folders or files to index")],
     db: Annotated[Path, typer.Option("--db", help="Collection directory (created if missing)")],
-    model: ModelOpt = "ViT-B-32",
-    pretrained: PretrainedOpt = "none",
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
     checkpoint: CheckpointOpt = None,
-    seed: SeedOpt = 0,
+    seed: IndexSeedOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Decoding processes")] = 1,
     commit_every: Annotated[int, typer.Option("--commit-every", min=1, help="Images per commit")] = 512,
@@ -76,12 +77,14 @@ def index(
     """Embed the images under PATHS into the collection --db: incremental and resumable."""
     from retrieval.config import IndexRunConfig
     from retrieval.pipelines.index_folder import index_folder
+    from retrieval.pipelines.model_choice import index_encoder
 
+    encoder = index_encoder(db, model, pretrained, str(checkpoint) if checkpoint else None, seed, device)
     run = IndexRunConfig(batch_size=batch_size, workers=workers, commit_every=commit_every, reembed=reembed)
     summary = index_folder(
         [str(p) for p in paths],
         db,
-        encoder_config(model, pretrained, checkpoint, seed, device),
+        encoder,
         run,
         progress=not quiet,
     )
@@ -109,18 +112,21 @@ def search(
         typer.Option("--rerank", min=0, help="Re-order the top K by the checkpoint's ITM head (0: off)"),
     ] = 0,
     model: Annotated[str | None, typer.Option("--model", help="Must be the collection's model")] = None,
-    pretrained: PretrainedOpt = "none",
+    pretrained: PretrainedOpt = None,
     checkpoint: CheckpointOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Find images in a collection by text, by image, or both."""
-    from retrieval.pipelines import search as search_pipeline
+    """Find images in a collection by text, by image, or both (through `retrieval serve` when one runs)."""
+    hits = None
+    if model is None and pretrained is None and checkpoint is None and not rerank:
+        hits = _search_on_server(db, query, str(image) if image else None, k)
+    if hits is None:
+        from retrieval.pipelines import search as search_pipeline
+        from retrieval.pipelines.model_choice import search_encoder
 
-    cfg = None
-    if model or checkpoint:
-        cfg = encoder_config(model or "ViT-B-32", pretrained, checkpoint, seed, device)
-    hits = search_pipeline.search(db, query, str(image) if image else None, k, cfg, device, rerank)
+        cfg = search_encoder(db, model, pretrained, str(checkpoint) if checkpoint else None, seed, device)
+        hits = search_pipeline.search(db, query, str(image) if image else None, k, cfg, device, rerank)
     if html:
         from retrieval.pipelines.contact_sheet import write_contact_sheet
 
@@ -130,6 +136,20 @@ def search(
         typer.echo(json.dumps([output.hit_dict(h) for h in hits]))
     else:
         output.print_hits(hits)
+
+
+def _search_on_server(db: Path, query: str | None, image: str | None, k: int) -> list | None:
+    """Hits from a running `retrieval serve` of this collection; None when there is none (or it went away)."""
+    from retrieval.serve import client, discovery
+
+    url = discovery.find(db)
+    if url is None:
+        return None
+    try:
+        return client.search(url, query, image, k, rerank=0)
+    except client.ServerUnavailable as e:
+        typer.echo(f"note: the server at {url} did not answer ({e}); searching in-process", err=True)
+        return None
 
 
 def main() -> None:  # pragma: no cover

@@ -6,15 +6,20 @@ import dataclasses
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
+
+from indexes.paths import display, json_fields
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True)
 
 
 def hit_dict(hit: dict[str, Any]) -> dict[str, Any]:
-    keys = ("path", "score", "itm", "rerank", "width", "height", "size")
-    return {k: hit[k] for k in keys if k in hit}
+    """The --json form of a hit: the name in its reversible JSON form (indexes/paths.py), then the figures."""
+    keys = ("score", "itm", "rerank", "width", "height", "size")
+    return {**json_fields(hit["path"]), **{k: hit[k] for k in keys if k in hit}}
 
 
 def print_hits(hits: list[dict[str, Any]]) -> None:
@@ -30,7 +35,8 @@ def print_hits(hits: list[dict[str, Any]]) -> None:
     table.add_column("path", overflow="fold")
     for rank, hit in enumerate(hits, 1):
         match = [f"{hit['itm']:.4f}" if "itm" in hit else "-"] if itm else []
-        table.add_row(str(rank), f"{hit['score']:.4f}", *match, hit["path"])
+        # Text, not a str: a name like "x[bold]y.png" is shown as it is, never read as rich markup
+        table.add_row(str(rank), f"{hit['score']:.4f}", *match, Text(display(hit["path"])))
     out.print(table)
 
 
@@ -40,7 +46,7 @@ def summary_dict(summary: Any) -> dict[str, Any]:
 
 def print_index_summary(s: Any) -> None:
     err.print(
-        f"[bold]{s.db}[/bold]: {s.total} images ({s.model}); scanned {s.scanned} in {s.seconds:.1f}s: "
+        f"[bold]{escape(display(s.db))}[/bold]: {s.total} images ({escape(s.model)}); scanned {s.scanned} in {s.seconds:.1f}s: "
         f"{s.new} new, {s.changed} changed, {s.touched} touched, {s.unchanged} unchanged, {s.removed} removed, "
         f"{len(s.skipped)} skipped"
     )
@@ -54,7 +60,7 @@ def print_index_summary(s: Any) -> None:
     if s.skipped:
         err.print(f"[yellow]skipped {len(s.skipped)} file(s):[/yellow]")
         for path, reason in list(s.skipped.items())[:50]:
-            err.print(f"  {path}: {reason}", markup=False, highlight=False)
+            err.print(f"  {display(path)}: {reason}", markup=False, highlight=False)
         if len(s.skipped) > 50:
             err.print(f"  ... and {len(s.skipped) - 50} more (use --json for the full list)")
 

@@ -49,7 +49,10 @@ def write_manifest(directory: str | os.PathLike, data: dict[str, Any]) -> None:
 
 
 def describe_model(model: dict[str, Any]) -> str:
-    return f"{model.get('arch')} ({model.get('weights')}, {model.get('embed_dim')}-d)"
+    weights = str(model.get("weights"))
+    if weights.startswith("random-init"):  # the encoder's mark for --pretrained none: say it plainly
+        weights = f"RANDOM weights, untrained, {weights}"
+    return f"{model.get('arch')} ({weights}, {model.get('embed_dim')}-d)"
 
 
 def check_model(directory: str | os.PathLike, built_with: dict[str, Any], asked: dict[str, Any]) -> None:

@@ -18,9 +18,10 @@ import numpy as np
 import pyarrow as pa
 
 from indexes.errors import CollectionError
+from indexes.paths import from_stored, to_stored
 
 TABLE = "images"
-STAT_COLUMNS = ["id", "path", "size", "mtime_ns", "hash"]
+STAT_COLUMNS = ["id", "path", "size", "mtime_ns", "hash", "meta"]  # meta: a non-UTF-8 name's bytes
 ROW_COLUMNS = ["id", "path", "size", "mtime_ns", "hash", "width", "height", "meta"]
 _ID_CHUNK = 1000  # ids per IN (...) filter: keeps each predicate small
 
@@ -79,8 +80,8 @@ class ImageStore:
         out: dict[str, tuple[int, int, int, str]] = {}
         for batch in self._table.search().select(STAT_COLUMNS).to_batches(65536):
             cols = [batch.column(c).to_pylist() for c in STAT_COLUMNS]
-            for i, path, size, mtime, digest in zip(*cols, strict=True):
-                out[path] = (i, size, mtime, digest)
+            for i, path, size, mtime, digest, meta in zip(*cols, strict=True):
+                out[from_stored(path, meta)] = (i, size, mtime, digest)
         return out
 
     def upsert(self, rows: list[dict[str, Any]], vectors: np.ndarray) -> None:
@@ -91,6 +92,9 @@ class ImageStore:
         if vectors.shape != (len(rows), self.dim):
             raise ValueError(f"expected vectors of shape {(len(rows), self.dim)}, got {vectors.shape}")
         columns = {name: [r.get(name) for r in rows] for name in ROW_COLUMNS}
+        # any file name: the stored path is valid UTF-8, the exact bytes of other names go into meta (paths.py)
+        stored = [to_stored(p, m) for p, m in zip(columns["path"], columns["meta"], strict=True)]
+        columns["path"], columns["meta"] = [s[0] for s in stored], [s[1] for s in stored]
         columns["vector"] = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), self.dim)
         table = pa.table(columns, schema=schema(self.dim))
         (
@@ -114,6 +118,7 @@ class ImageStore:
             chunk = ids[start : start + _ID_CHUNK]
             table = self._table.search().where(_id_filter(chunk)).select(columns).limit(len(chunk)).to_arrow()
             for row in table.to_pylist():
+                row["path"] = from_stored(row["path"], row["meta"])
                 out[row["id"]] = row
         return out
 

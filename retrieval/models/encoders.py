@@ -16,7 +16,7 @@ import open_clip
 import torch
 
 from retrieval.config import EncoderConfig
-from retrieval.errors import UserError
+from retrieval.errors import RuntimeFailure, UserError
 from retrieval.models import towers
 from retrieval.models.stems import STEMS_FILE, apply_conv_stem, preset_stem
 
@@ -111,10 +111,13 @@ def create_clip(arch: str, pretrained: str = "none", seed: int = 0) -> tuple[tor
         raise UserError(
             f"--pretrained {pretrained!r}: not a file and not a pretrained tag of {arch} (tags: {known})"
         )
+    from retrieval.models.weights import ensure_fetchable
+
+    ensure_fetchable(arch, pretrained)  # offline: fail now, naming the ways out, not after hub time-outs
     try:
         model = open_clip.create_model(arch, pretrained=pretrained)
-    except Exception as e:  # noqa: BLE001 - typically no network
-        raise UserError(
+    except Exception as e:  # noqa: BLE001 - typically the network
+        raise RuntimeFailure(
             f"cannot fetch pretrained weights {arch}/{pretrained} ({str(e).splitlines()[0][:120]}); "
             "offline, pass a local weights file with --pretrained FILE"
         ) from e
@@ -129,6 +132,14 @@ def normalize(pixels: torch.Tensor, mean, std, device: torch.device) -> torch.Te
     m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=device).view(1, 3, 1, 1)
     return (x - m) / s
+
+
+def describe_weights(identity: dict[str, Any]) -> str:
+    """How a summary names an encoder: random weights said plainly, never only as a tag."""
+    weights = str(identity.get("weights", ""))
+    if weights.startswith("random-init"):  # create_clip's own format for --pretrained none
+        return f"{identity['arch']} with RANDOM weights (untrained, {weights}): results are noise"
+    return f"{identity['arch']} ({weights})"
 
 
 @dataclass

@@ -9,6 +9,7 @@ import io
 import os
 from typing import Any
 
+from indexes.paths import display
 from retrieval.data.images import ImageDecodeError, decode_image
 
 THUMB = 192  # px, longest side
@@ -30,14 +31,14 @@ def write_contact_sheet(path: str | os.PathLike, title: str, hits: list[dict[str
     for rank, hit in enumerate(hits, 1):
         src = _thumbnail(hit["path"])
         img = f'<img src="{src}" alt="">' if src else '<div class="missing">unreadable</div>'
-        name = html.escape(os.path.basename(hit["path"]))
-        full = html.escape(hit["path"])
+        name = html.escape(display(os.path.basename(hit["path"])))  # any name, literally (indexes/paths.py)
+        full = html.escape(display(hit["path"]))
         cards.append(
             f'<figure title="{full}">{img}<figcaption><b>{rank}.</b> {name}<br>'
             f'<span class="score">{hit["score"]:.4f}</span></figcaption></figure>'
         )
     page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<html><head><meta charset="utf-8"><title>{html.escape(display(title))}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 1.5rem; background: #fafafa; }}
 .grid {{ display: flex; flex-wrap: wrap; gap: 12px; }}
@@ -45,7 +46,7 @@ figure {{ margin: 0; width: {THUMB}px; background: #fff; padding: 6px; border: 1
 img, .missing {{ width: {THUMB}px; height: {THUMB}px; object-fit: contain; background: #eee; }}
 figcaption {{ font-size: 12px; word-break: break-all; }} .score {{ color: #555; }}
 </style></head>
-<body><h2>{html.escape(title)}</h2><div class="grid">
+<body><h2>{html.escape(display(title))}</h2><div class="grid">
 {chr(10).join(cards)}
 </div></body></html>
 """

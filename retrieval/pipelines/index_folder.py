@@ -23,7 +23,7 @@ from indexes.collection import Collection
 from indexes.store import path_id
 from retrieval.config import EncoderConfig, IndexRunConfig
 from retrieval.data.scan import FileEntry, ScanProblem, scan_images
-from retrieval.models.encoders import Encoder, load_encoder
+from retrieval.models.encoders import Encoder, describe_weights, load_encoder
 from retrieval.pipelines.embed import Decoded, decoded_batches
 
 
@@ -114,9 +114,7 @@ def index_folder(
             raise UserError(f"{root}: no such file or directory")
     encoder = encoder or load_encoder(encoder_cfg)
     with Collection.open_for_write(db, encoder.identity, reembed=run.reembed) as collection:
-        summary = IndexSummary(
-            db=str(db), model=f"{encoder.identity['arch']} ({encoder.identity['weights']})"
-        )
+        summary = IndexSummary(db=str(db), model=describe_weights(encoder.identity))
         known = collection.store.stats()
         problems: list[ScanProblem] = []
         todo, gone = _plan(roots, known, summary, problems)

@@ -18,6 +18,7 @@ from retrieval.config import EncoderConfig
 from retrieval.data.images import IMAGE_EXTENSIONS, ImageDecodeError, load_for_model
 from retrieval.errors import UserError
 from retrieval.models.encoders import Encoder, load_encoder
+from retrieval.pipelines.model_choice import collection_encoder
 from retrieval.pipelines.rerank import load_reranker, rerank_hits, rerank_text
 
 _SPLIT = re.compile(r"\s+([+-])\s+")  # operators need spaces around them, so "t-shirt" stays one term
@@ -31,7 +32,9 @@ class QueryTerm:
     image: str | None = None  # a path: a term naming an existing image file is an image query
 
 
-def parse_query(query: str) -> list[QueryTerm]:
+def parse_query(query: str, files: bool = True) -> list[QueryTerm]:
+    """files=False: every term is text, even one naming an image file (a server must not read its own files
+    on a client's say-so)."""
     query = query.strip()
     if not query:
         raise UserError("empty query: give some text, or --image FILE")
@@ -48,7 +51,7 @@ def parse_query(query: str) -> list[QueryTerm]:
         term = term.strip()
         if not term:
             raise UserError(f"query {query!r}: an operator has nothing after it")
-        is_image = os.path.isfile(term) and os.path.splitext(term)[1].lower() in IMAGE_EXTENSIONS
+        is_image = files and os.path.isfile(term) and os.path.splitext(term)[1].lower() in IMAGE_EXTENSIONS
         out.append(QueryTerm(s * weight, image=term) if is_image else QueryTerm(s * weight, text=term))
     return out
 
@@ -80,19 +83,7 @@ def query_vector(encoder: Encoder, terms: list[QueryTerm]) -> np.ndarray:
 
 def encoder_config_for(collection: Collection, device: str = "auto") -> EncoderConfig:
     """The collection's own model, rebuilt from its manifest."""
-    source = collection.model.get("source") or {}
-    checkpoint = source.get("checkpoint")
-    if checkpoint and not os.path.isdir(checkpoint):
-        raise UserError(
-            f"{collection.directory} was built with checkpoint {checkpoint}, which is gone; pass --checkpoint"
-        )
-    return EncoderConfig(
-        arch=source.get("arch", collection.model["arch"]),
-        pretrained=source.get("pretrained", "none"),
-        checkpoint=checkpoint,
-        seed=int(source.get("seed", 0)),
-        device=device,
-    )
+    return collection_encoder(collection.directory, collection.model, device)
 
 
 def search(

@@ -6,7 +6,7 @@ from indexes.manifest import read_manifest
 from indexes.store import ImageStore
 from tests.cli.conftest import BROKEN, add_broken, invoke, make_images, run_cli
 
-MODEL = ["--model", "test-micro", "--device", "cpu"]
+MODEL = ["--model", "test-micro", "--pretrained", "none", "--device", "cpu"]
 
 
 def index_json(runner, folder, db, *extra):

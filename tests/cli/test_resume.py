@@ -22,7 +22,8 @@ def committed_versions(db) -> int:
 def test_kill_9_mid_run_then_resume(tmp_path):
     folder, db = tmp_path / "photos", tmp_path / "db"
     good = make_images(folder, 300)
-    args = ["index", folder, "--db", db, "--model", "tiny-vit-64", "--device", "cpu", "-q"]
+    model = ["--model", "tiny-vit-64", "--pretrained", "none", "--device", "cpu"]
+    args = ["index", folder, "--db", db, *model, "-q"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "cli.main", *map(str, args), "--batch-size", "8", "--commit-every", "16"],
         stdout=subprocess.DEVNULL,
