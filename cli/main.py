@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from cli import data, output
+from cli import collection, data, output
 from cli import train as train_cmds
 from cli.errors import handle_errors
 
@@ -26,6 +26,9 @@ app = typer.Typer(
 app.add_typer(data.app, name="data")
 app.command(name="train")(train_cmds.train)
 app.command(name="eval")(train_cmds.evaluate)
+app.command(name="info")(collection.info)
+app.command(name="export")(collection.export)
+app.command(name="dedup")(collection.dedup)
 
 
 ModelOpt = Annotated[str, typer.Option("--model", help="OpenCLIP architecture, e.g. ViT-B-32, or a preset")]
@@ -57,8 +60,23 @@ def encoder_config(model: str, pretrained: str, checkpoint: Path | None, seed: i
 @app.command()
 @handle_errors
 def index(
-    paths: Annotated[list[Path], typer.Argument(help="Image folders or files to index")],
-    db: Annotated[Path, typer.Option("--db", help="Collection directory (created if missing)")],
+    paths: Annotated[list[Path] | None, typer.Argument(help="Image folders or files to index")] = None,
+    db: Annotated[Path, typer.Option("--db", help="Collection directory (created if missing)")] = Path(
+        "collection"
+    ),
+    embeddings: Annotated[
+        Path | None,
+        typer.Option("--embeddings", help="Import precomputed vectors: img_emb/ + metadata/, or parquet"),
+    ] = None,
+    max_memory: Annotated[
+        str | None, typer.Option("--max-memory", help="RAM the index may take, e.g. 2G (default: 2G)")
+    ] = None,
+    target_recall: Annotated[
+        float | None, typer.Option("--target-recall", help="recall@10 to tune for (default 0.95)")
+    ] = None,
+    flat_max: Annotated[
+        int | None, typer.Option("--flat-max", help="Exact search up to this many vectors (default 100000)")
+    ] = None,
     model: ModelOpt = "ViT-B-32",
     pretrained: PretrainedOpt = "none",
     checkpoint: CheckpointOpt = None,
@@ -77,7 +95,27 @@ def index(
     from retrieval.config import IndexRunConfig
     from retrieval.pipelines.index_folder import index_folder
 
-    run = IndexRunConfig(batch_size=batch_size, workers=workers, commit_every=commit_every, reembed=reembed)
+    run = IndexRunConfig(
+        batch_size=batch_size,
+        workers=workers,
+        commit_every=commit_every,
+        reembed=reembed,
+        max_memory=collection.parse_bytes(max_memory),
+        target_recall=target_recall,
+        flat_max=flat_max,
+    )
+    if embeddings is not None:
+        from retrieval.pipelines.embeddings_io import import_embeddings
+
+        cfg = encoder_config(model, pretrained, checkpoint, seed, device)
+        summary = import_embeddings(embeddings, db, cfg, run, progress=not quiet)
+        if json_out:
+            typer.echo(json.dumps(output.summary_dict(summary)))
+        else:
+            output.print_import(summary)
+        return
+    if not paths:
+        raise typer.BadParameter("give image folders or files, or --embeddings DIR")
     summary = index_folder(
         [str(p) for p in paths],
         db,
@@ -113,14 +151,34 @@ def search(
     checkpoint: CheckpointOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
+    vectors: Annotated[
+        Path | None, typer.Option("--vectors", help="A .npy of query vectors (Q, dim): one result list each")
+    ] = None,
+    unique: Annotated[bool, typer.Option("--unique", help="One hit per group of near-duplicates")] = False,
+    threshold: Annotated[
+        float, typer.Option("--threshold", help="Cosine that makes two hits one (--unique)")
+    ] = 0.95,
 ) -> None:
-    """Find images in a collection by text, by image, or both."""
+    """Find images in a collection by text, by image, or both; or answer a batch of query vectors."""
     from retrieval.pipelines import search as search_pipeline
+
+    if vectors is not None:
+        from retrieval.pipelines.collection_tools import search_vectors
+
+        results = search_vectors(db, vectors, k, threshold if unique else None)
+        if json_out:
+            typer.echo(json.dumps([[output.hit_dict(h) for h in hits] for hits in results]))
+        else:
+            for hits in results:
+                output.print_hits(hits)
+        return
 
     cfg = None
     if model or checkpoint:
         cfg = encoder_config(model or "ViT-B-32", pretrained, checkpoint, seed, device)
-    hits = search_pipeline.search(db, query, str(image) if image else None, k, cfg, device, rerank)
+    hits = search_pipeline.search(
+        db, query, str(image) if image else None, k, cfg, device, rerank, threshold if unique else None
+    )
     if html:
         from retrieval.pipelines.contact_sheet import write_contact_sheet
 

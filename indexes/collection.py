@@ -35,7 +35,8 @@ class Collection:
         self.table = table
         self.store = ImageStore(directory, dim=dim, table=table)
         self._lock_fd: int | None = None
-        self._index = None
+        self._index = None  # what searches run on (the GPU copy when there is a GPU)
+        self._cpu_index = None
         self._swap_on_finish = False  # a --reembed: the manifest names the new generation only when complete
 
     @property
@@ -118,6 +119,13 @@ class Collection:
         collection = cls(directory, {**fresh, "table": table}, table, dim)
         collection._swap_on_finish = True
         return collection
+
+    def record(self, key: str, value: Any) -> None:
+        """Keep a writer's note in the manifest (e.g. which embedding files are imported). During a --reembed it
+        waits in memory for the swap: the live manifest describes the live generation."""
+        self.manifest = {**self.manifest, key: value}
+        if not self._swap_on_finish:
+            write_manifest(self.directory, self.manifest)
 
     def close(self) -> None:
         if self._lock_fd is not None:
@@ -207,17 +215,24 @@ class Collection:
     def _publish(self, card: dict[str, Any]) -> None:
         self.manifest = {**self.manifest, "index": card, "updated_at": now()}
         write_manifest(self.directory, self.manifest)
-        self._index = None
+        self._index = self._cpu_index = None
 
     # ---- search (readers) ---------------------------------------------------------------------------------
-    def _search_index(self):
-        if self._index is None:
+    def cpu_index(self):
+        """The index as saved (host memory), patched in memory with rows a writer committed since; rebuilt
+        from the table when the file is missing or unreadable."""
+        if self._cpu_index is None:
             index = faiss_index.load(self.index_path, self.store.dim)
             if index is None:
                 index = self._rebuild_for_reader()
             elif not self.index_is_fresh():
-                self._patch(index, self.manifest.get("index") or {}, save=False)  # rows a writer added since
-            self._index = faiss_index.to_search_device(index)
+                self._patch(index, self.manifest.get("index") or {}, save=False)
+            self._cpu_index = index
+        return self._cpu_index
+
+    def _search_index(self):
+        if self._index is None:
+            self._index = faiss_index.to_search_device(self.cpu_index())
         return self._index
 
     def _rebuild_for_reader(self):
@@ -240,7 +255,8 @@ class Collection:
     def reopen(self) -> None:
         """Re-read the manifest and the live table (after a writer swapped generations)."""
         fresh = Collection.open(self.directory)
-        self.manifest, self.table, self.store, self._index = fresh.manifest, fresh.table, fresh.store, None
+        self.manifest, self.table, self.store = fresh.manifest, fresh.table, fresh.store
+        self._index = self._cpu_index = None
 
     def search(self, queries: np.ndarray, k: int, vectors: bool = False) -> list[list[dict[str, Any]]]:
         """queries (Q, dim) normalised -> per query, up to k rows (path, score, width, ...) best first. Rows

@@ -125,6 +125,13 @@ class ImageStore:
                 out[row["id"]] = row
         return out
 
+    def arrow_schema(self, columns: list[str]) -> pa.Schema:
+        return pa.schema([self._table.schema.field(c) for c in columns])
+
+    def iter_batches(self, columns: list[str], batch_rows: int = 65536) -> Iterator[pa.RecordBatch]:
+        """The table's rows as Arrow batches of the named columns, streaming."""
+        yield from self._table.search().select(columns).to_batches(batch_rows)
+
     def ids(self) -> np.ndarray:
         """Every id in the table (int64), reading that column only."""
         parts = [b.column("id").to_numpy() for b in self._table.search().select(["id"]).to_batches(262144)]
