@@ -28,7 +28,8 @@ from indexes.store import path_id
 from retrieval.config import EncoderConfig, IndexRunConfig
 from retrieval.errors import UserError
 
-KEY_COLUMNS = ("image_path", "url")  # what names a row, in order of preference
+KEY_COLUMNS = ("image_path", "url", "path")  # what names a row, in order of preference (path: our export)
+OWN_COLUMNS = ("id", "width", "height", "meta")  # columns of an export that are not extra metadata
 EXPORT_COLUMNS = ["id", "path", "width", "height", "meta", "vector"]
 CHUNK = 50_000  # rows per commit: bounded memory whatever the file size
 
@@ -123,10 +124,11 @@ def to_rows(batch: pa.RecordBatch, vectors: np.ndarray, where: Path) -> tuple[li
     norms = np.linalg.norm(vectors, axis=1)
     good = np.isfinite(norms) & (norms > 0)
     rows: dict[int, tuple[dict, int]] = {}
-    extra = [c for c in columns if c not in (key, "width", "height")]
+    extra = [c for c in columns if c != key and c not in OWN_COLUMNS]
     for i in np.flatnonzero(good):
         name = str(columns[key][i])
-        meta = {c: columns[c][i] for c in extra}
+        meta = _exported_meta(columns.get("meta", [None] * len(vectors))[i])
+        meta.update({c: columns[c][i] for c in extra})
         row = {
             "id": path_id(name),
             "path": name,
@@ -137,6 +139,15 @@ def to_rows(batch: pa.RecordBatch, vectors: np.ndarray, where: Path) -> tuple[li
         rows[row["id"]] = (row, i)
     picked = [i for _, i in rows.values()]
     return [r for r, _ in rows.values()], vectors[picked] / norms[picked, None], int((~good).sum())
+
+
+def _exported_meta(text: str | None) -> dict[str, Any]:
+    """The `meta` column of an export (a JSON object), so that export -> import keeps it."""
+    try:
+        value = json.loads(text) if text else {}
+    except (TypeError, ValueError):
+        return {"meta": text}
+    return value if isinstance(value, dict) else {"meta": value}
 
 
 def import_embeddings(
