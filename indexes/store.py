@@ -57,7 +57,8 @@ class ImageStore:
         self.directory = str(directory)
         self.name = table
         self.before_write: Callable[[np.ndarray], None] | None = None  # told the ids of each write first
-        self._db = lancedb.connect(self.directory)
+        # every read sees the latest commit, also one another process made after this store was opened
+        self._db = lancedb.connect(self.directory, read_consistency_interval=timedelta(0))
         if table in self._db.list_tables().tables:
             self._table = self._db.open_table(table)
         elif dim is not None:
