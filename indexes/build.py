@@ -138,10 +138,13 @@ def time_queries(index, queries: np.ndarray) -> dict[str, float]:
     }
 
 
-def build_index(batches: Batches, n: int, dim: int, cfg: IndexConfig, gpu: bool = False):
-    """Choose, train, fill, tune and measure. Returns (index, card)."""
+def build_index(
+    batches: Batches, n: int, dim: int, cfg: IndexConfig, gpu: bool = False, plan: IndexPlan | None = None
+):
+    """Choose (unless a plan is given: benchmarks compare types), train, fill, tune and measure.
+    Returns (index, card)."""
     start = time.perf_counter()
-    plan = choose_index(n, dim, cfg)
+    plan = plan or choose_index(n, dim, cfg)
     use_gpu = gpu and plan.kind == "ivf"
     log.info("index for %d x %d: %s on the %s", n, dim, plan.factory, "GPU" if use_gpu else "CPU")
     n_train = plan.nlist * cfg.train_per_list if plan.kind == "ivf" else 0
