@@ -125,15 +125,17 @@ def to_rows(batch: pa.RecordBatch, vectors: np.ndarray, where: Path) -> tuple[li
     good = np.isfinite(norms) & (norms > 0)
     rows: dict[int, tuple[dict, int]] = {}
     extra = [c for c in columns if c != key and c not in OWN_COLUMNS]
-    for i in np.flatnonzero(good):
+    blank = [None] * len(vectors)
+    widths, heights, metas = (columns.get(c, blank) for c in ("width", "height", "meta"))
+    for i in np.flatnonzero(good).tolist():
         name = str(columns[key][i])
-        meta = _exported_meta(columns.get("meta", [None] * len(vectors))[i])
+        meta = _exported_meta(metas[i])
         meta.update({c: columns[c][i] for c in extra})
         row = {
             "id": path_id(name),
             "path": name,
-            "width": columns.get("width", [None] * len(vectors))[i],
-            "height": columns.get("height", [None] * len(vectors))[i],
+            "width": widths[i],
+            "height": heights[i],
             "meta": json.dumps(meta, default=str),
         }
         rows[row["id"]] = (row, i)
