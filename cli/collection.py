@@ -17,6 +17,18 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="JSON on stdout, nothing e
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 
 
+def show_index_progress() -> None:
+    """The index build's phases on stderr, one line each (it can take minutes at millions of vectors)."""
+    import logging
+
+    logger = logging.getLogger("indexes")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def parse_bytes(text: str | None) -> int | None:
     """'2G', '512M', '1.5GiB', '1000000' -> bytes (powers of 1024)."""
     if text is None:

@@ -104,6 +104,8 @@ def index(
         target_recall=target_recall,
         flat_max=flat_max,
     )
+    if not quiet:
+        collection.show_index_progress()
     if embeddings is not None:
         from retrieval.pipelines.embeddings_io import import_embeddings
 

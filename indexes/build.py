@@ -117,6 +117,7 @@ def tune_nprobe(
         else:
             lo = mid
     faiss_index.set_nprobe(index, hi)
+    log.info("nprobe %d: recall@10 %.4f (measured %s)", hi, measured[hi], sorted(measured))
     return hi, measured[hi]
 
 
@@ -153,9 +154,11 @@ def build_index(
     held, train = gather(batches, [held_pos, train_pos])
     index = faiss_index.new_index(plan, dim, gpu=use_gpu, kmeans_iters=cfg.kmeans_iters)
     if plan.kind == "ivf":
+        log.info("training %d lists on %d vectors", plan.nlist, len(train[0]))
         index.train(np.ascontiguousarray(train[1], np.float32))
     del train
     train_seconds = time.perf_counter() - start
+    log.info("adding %d vectors", n)
     for ids, vectors in batches():
         faiss_index.add(index, ids, vectors)
     card: dict[str, Any] = {
@@ -179,6 +182,7 @@ def _measure(index, plan: IndexPlan, batches: Batches, held: tuple, cfg: IndexCo
     own, queries = held
     if len(own) == 0 or index.ntotal <= K:
         return {"recall@10": None, "recall_queries": 0}
+    log.info("exact neighbours of %d held-out vectors, then tuning", len(own))
     truth = without_self(exact_neighbours(batches, queries, K + 1), own, K)
     if plan.kind == "ivf":
         nprobe, recall = tune_nprobe(index, plan, held, truth, cfg)

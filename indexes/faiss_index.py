@@ -42,7 +42,7 @@ def _resources():
 
 def to_gpu(index: faiss.Index) -> faiss.Index:
     """Clone to GPU 0 with fp16 storage for flat data and fp16 lookup tables for PQ: half the memory
-    traffic, and recall is tuned afterwards on the GPU index itself."""
+    traffic, and recall is tuned afterwards on the GPU index itself (SQ8 codes are unchanged)."""
     wrapped = faiss.downcast_index(index)
     if isinstance(wrapped, faiss.IndexIDMap2 | faiss.IndexIDMap):
         # the GPU cloner has no IDMap: move the exact index inside and keep the id map on the host
@@ -53,8 +53,7 @@ def to_gpu(index: faiss.Index) -> faiss.Index:
         gpu.referenced_objects = [inner]  # the wrapper does not own it: keep it alive
         return gpu
     options = faiss.GpuClonerOptions()
-    options.useFloat16 = True
-    options.useFloat16LookupTables = True
+    options.useFloat16 = True  # flat/IVFFlat: fp16 storage; IVFPQ: fp16 lookup tables
     return faiss.index_cpu_to_gpu(_resources(), 0, index, options)
 
 
