@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +169,7 @@ class Collection:
         """Apply the table's changes since the index was saved: removed ids out, new ids in, ids the journal
         names (changed vectors) replaced. No retraining. None when so much changed that a rebuild is cheaper.
         save=False (a reader meeting a stale index): the patch lives in this process only."""
+        start = time.perf_counter()
         journal = layout.Journal(Path(str(self.index_path) + ".pending"))
         table_ids, held = self.store.ids(), faiss_index.ids_in(index)
         gone = np.setdiff1d(held, table_ids)
@@ -187,6 +189,7 @@ class Collection:
             }
             if save:
                 card["size_bytes"] = faiss_index.save(index, self.index_path)
+                card["update_seconds"] = round(time.perf_counter() - start, 3)  # the last in-place update
         if save:
             card = {**card, "store_version": self.store.version}
             self._publish(card)

@@ -1,0 +1,78 @@
+"""In-place updates of a big collection against its full rebuild: add N vectors, remove N rows, and check that no
+removed row comes back (each removed vector is searched for itself: it would be its own top hit).
+
+    nice -n 5 python benchmarks/collection_updates.py /tmp/db [--n 10000]
+
+Run on a collection built by `retrieval index --embeddings` (benchmarks/embedding_mixture.py makes one); it is
+changed: N synthetic rows stay added and N of its rows stay removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.embedding_mixture import Mixture  # noqa: E402
+from indexes.collection import Collection  # noqa: E402
+from indexes.store import path_id  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("db", type=Path)
+    parser.add_argument("--n", type=int, default=10_000)
+    args = parser.parse_args()
+    model = Collection.open(args.db).model
+    with Collection.open_for_write(args.db, model) as col:
+        card = col.manifest["index"]
+        rebuild = card["build_seconds"]
+        print(f"{col.store.count()} rows; index {card['factory']}, built in {rebuild}s", flush=True)
+
+        fresh = Mixture(col.store.dim).sample(args.n, np.random.default_rng(123))
+        names = [f"added/{i}.jpg" for i in range(args.n)]
+        rows = [{"id": path_id(p), "path": p, "meta": "{}"} for p in names]
+        start = time.perf_counter()
+        col.store.upsert(rows, fresh)
+        commit = time.perf_counter() - start
+        added = col.finish()
+        total = time.perf_counter() - start
+        print(
+            f"add {args.n}: table commit {commit:.1f}s + index update {added['update_seconds']}s = {total:.1f}s "
+            f"= {100 * total / rebuild:.2f}% of the rebuild ({added['type']}, still built at {added['built_at']})"
+        )
+
+        ids = col.store.ids()
+        gone = np.random.default_rng(5).choice(ids, args.n, replace=False)
+        vectors = col.store.fetch(gone[:200].tolist(), vectors=True)
+        start = time.perf_counter()
+        col.store.delete(gone.tolist())
+        commit = time.perf_counter() - start
+        removed = col.finish()
+        total = time.perf_counter() - start
+        print(
+            f"remove {args.n}: table commit {commit:.1f}s + index update {removed['update_seconds']}s = "
+            f"{total:.1f}s = {100 * total / rebuild:.2f}% of the rebuild"
+        )
+
+    reader = Collection.open(args.db)
+    queries = np.stack([np.asarray(r["vector"], np.float32) for r in vectors.values()])
+    hits = reader.search(queries, 10)
+    removed_ids = set(gone.tolist())
+    back = sum(h["id"] in removed_ids for q in hits for h in q)
+    print(
+        f"searched for {len(queries)} removed vectors themselves: {back} removed rows returned; "
+        f"{sum(len(q) == 10 for q in hits)}/{len(hits)} full results"
+    )
+
+
+if __name__ == "__main__":
+    main()
