@@ -24,6 +24,21 @@ from indexes.collection import Collection  # noqa: E402
 from indexes.store import path_id  # noqa: E402
 
 
+def timed(col: Collection, change, what: str, rebuild: float) -> dict:
+    """Run a table change, then the index update; print both times against the rebuild's."""
+    start = time.perf_counter()
+    change()
+    commit = time.perf_counter() - start
+    card = col.finish()
+    total = time.perf_counter() - start
+    print(
+        f"{what}: table commit {commit:.1f}s + index update {card['update_seconds']}s = {total:.1f}s "
+        f"= {100 * total / rebuild:.2f}% of the rebuild",
+        flush=True,
+    )
+    return card
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -40,28 +55,12 @@ def main() -> None:
         fresh = Mixture(col.store.dim).sample(args.n, np.random.default_rng(123))
         names = [f"added/{i}.jpg" for i in range(args.n)]
         rows = [{"id": path_id(p), "path": p, "meta": "{}"} for p in names]
-        start = time.perf_counter()
-        col.store.upsert(rows, fresh)
-        commit = time.perf_counter() - start
-        added = col.finish()
-        total = time.perf_counter() - start
-        print(
-            f"add {args.n}: table commit {commit:.1f}s + index update {added['update_seconds']}s = {total:.1f}s "
-            f"= {100 * total / rebuild:.2f}% of the rebuild ({added['type']}, still built at {added['built_at']})"
-        )
+        added = timed(col, lambda: col.store.upsert(rows, fresh), f"add {args.n}", rebuild)
+        print(f"  the index is still the one built at {added['built_at']} ({added['type']})")
 
-        ids = col.store.ids()
-        gone = np.random.default_rng(5).choice(ids, args.n, replace=False)
+        gone = np.random.default_rng(5).choice(col.store.ids(), args.n, replace=False)
         vectors = col.store.fetch(gone[:200].tolist(), vectors=True)
-        start = time.perf_counter()
-        col.store.delete(gone.tolist())
-        commit = time.perf_counter() - start
-        removed = col.finish()
-        total = time.perf_counter() - start
-        print(
-            f"remove {args.n}: table commit {commit:.1f}s + index update {removed['update_seconds']}s = "
-            f"{total:.1f}s = {100 * total / rebuild:.2f}% of the rebuild"
-        )
+        timed(col, lambda: col.store.delete(gone.tolist()), f"remove {args.n}", rebuild)
 
     reader = Collection.open(args.db)
     queries = np.stack([np.asarray(r["vector"], np.float32) for r in vectors.values()])

@@ -47,11 +47,7 @@ def print_index_summary(s: Any) -> None:
     )
     if s.embedded_per_s:
         err.print(f"model throughput {s.embedded_per_s:.1f} img/s")
-    if s.index:
-        err.print(
-            f"index: {s.index.get('type')} over {s.index.get('count')} vectors, "
-            f"recall@10 {s.index.get('recall@10')}, built in {s.index.get('build_seconds')}s"
-        )
+    print_index_line(s.index)
     if s.skipped:
         err.print(f"[yellow]skipped {len(s.skipped)} file(s):[/yellow]")
         for path, reason in list(s.skipped.items())[:50]:
@@ -102,14 +98,18 @@ def print_info(report: dict[str, Any]) -> None:
     out.print(table, markup=False, highlight=False)
 
 
+def print_index_line(index: dict[str, Any]) -> None:
+    if index:
+        err.print(
+            f"index: {index.get('type')} over {index.get('count')} vectors, "
+            f"recall@10 {index.get('recall@10')}, built in {index.get('build_seconds')}s"
+        )
+
+
 def print_import(s: Any) -> None:
     err.print(
         f"[bold]{s.db}[/bold]: {s.total} vectors ({s.model}); {s.imported} imported from "
         f"{s.sources - s.already} file(s) in {s.seconds:.1f}s ({s.already} imported before), "
         f"{s.bad_vectors} unusable vector(s) skipped"
     )
-    if s.index:
-        err.print(
-            f"index: {s.index.get('type')} over {s.index.get('count')} vectors, "
-            f"recall@10 {s.index.get('recall@10')}, built in {s.index.get('build_seconds')}s"
-        )
+    print_index_line(s.index)
