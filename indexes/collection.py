@@ -106,6 +106,11 @@ class Collection:
         if manifest is None and not (directory / f"{TABLE}.lance").exists():
             write_manifest(directory, {**fresh, "table": TABLE})
             return cls(directory, {**fresh, "table": TABLE}, TABLE, dim)
+        if manifest is None and not reembed:
+            raise CollectionError(
+                f"{directory}: a table but no manifest naming its model; rebuild it with "
+                f"`retrieval index PATH --db {directory} --reembed`"
+            )
         if not reembed:
             layout.drop_generations(directory, {manifest.get("table", TABLE)})  # a swapped-out generation
             (directory / layout.REEMBED).unlink(missing_ok=True)

@@ -232,3 +232,16 @@ def test_a_reembed_builds_beside_the_live_collection_and_resumes_after_a_kill(tm
     assert swapped.model == other and swapped.table == table and swapped.store.count() == 400
     assert sorted(p.name for p in tmp_path.glob("*.lance")) == [f"{table}.lance"]
     assert (tmp_path / index_file(table)).exists() and not (tmp_path / "faiss.index").exists()
+
+
+def test_a_table_without_any_manifest_names_the_way_out(tmp_path):
+    col, paths, vecs = filled(tmp_path, 50)
+    col.close()
+    (tmp_path / "manifest.json").unlink()
+    (tmp_path / "manifest.backup.json").unlink()
+    with pytest.raises(CollectionError, match="--reembed"):
+        Collection.open_for_write(tmp_path, MODEL)
+    with Collection.open_for_write(tmp_path, MODEL, reembed=True) as again:
+        again.store.upsert(rows_for(paths), vecs)
+        again.finish()
+    assert Collection.open(tmp_path).store.count() == 50
