@@ -61,8 +61,10 @@ def exact_neighbours(batches: Batches, queries: np.ndarray, k: int) -> np.ndarra
     best_i = np.full((len(queries), k), -1, np.int64)
     for ids, vectors in batches():
         scores = queries @ vectors.T  # (Q, n_batch)
-        all_s = np.concatenate([best_s, scores], axis=1)
-        all_i = np.concatenate([best_i, np.broadcast_to(ids, scores.shape)], axis=1)
+        kk = min(k, scores.shape[1])
+        part = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]  # the batch's own top-k first: (Q, kk)
+        all_s = np.concatenate([best_s, np.take_along_axis(scores, part, 1)], axis=1)
+        all_i = np.concatenate([best_i, ids[part]], axis=1)
         top = np.argpartition(-all_s, k - 1, axis=1)[:, :k]
         best_s = np.take_along_axis(all_s, top, 1)
         best_i = np.take_along_axis(all_i, top, 1)
