@@ -159,6 +159,8 @@ def build_index(
         log.info("training %d lists on %d vectors", plan.nlist, len(train[0]))
         index.train(np.ascontiguousarray(train[1], np.float32))
     del train
+    if use_gpu:
+        index = faiss_index.to_gpu(index)  # adding and tuning on the GPU too
     train_seconds = time.perf_counter() - start
     log.info("adding %d vectors", n)
     for ids, vectors in batches():

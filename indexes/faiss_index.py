@@ -80,16 +80,17 @@ def to_search_device(index: faiss.Index, use_gpu: bool | None = None) -> faiss.I
 
 
 def new_index(plan: IndexPlan, dim: int, gpu: bool = False, kmeans_iters: int = 10) -> faiss.Index:
-    """An empty index for the plan (inner product: vectors are normalised, so this is cosine). On a GPU the
-    coarse quantizer is exact (GPU FAISS has no HNSW quantizer): training, adding and searching run there."""
+    """An empty host index for the plan (inner product: vectors are normalised, so this is cosine). With gpu,
+    k-means runs on the GPU and the coarse quantizer is exact (GPU FAISS has no HNSW quantizer), so that the
+    trained index can be cloned there for adding and searching (`to_gpu`)."""
     factory = plan.factory.replace("_HNSW32", "") if gpu else plan.factory
     index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    if gpu and plan.kind == "ivf":
-        index = to_gpu(index)
     if plan.kind == "ivf":
-        target = faiss.downcast_index(index) if gpu else faiss.extract_index_ivf(index)
-        target.cp.niter = kmeans_iters
-        target.cp.seed = 1234
+        ivf = faiss.extract_index_ivf(index)
+        ivf.cp.niter = kmeans_iters
+        ivf.cp.seed = 1234
+        if gpu:  # spherical k-means for inner product: L2 assignment to normalised centroids
+            ivf.clustering_index = faiss.index_cpu_to_gpu(_resources(), 0, faiss.IndexFlatL2(dim))
     return index
 
 
