@@ -273,8 +273,9 @@ class Collection:
             raise ValueError(f"queries must be (Q, {self.store.dim}), got {queries.shape}")
         try:
             return self._search(queries, k, vectors)
-        except (OSError, RuntimeError, ValueError) as e:
-            # a writer swapped in a new generation and removed the files this reader had open
+        except Exception as e:  # noqa: BLE001 - retried once; a second failure propagates
+            # a writer swapped in a new generation and removed the files this reader had open (Lance reports
+            # that with several exception types)
             log.info("%s: re-reading the collection (%s)", self.directory, e)
             self.reopen()
             return self._search(queries, k, vectors)
