@@ -48,39 +48,50 @@ def train(
 
 @handle_errors
 def evaluate(
-    pairs: Annotated[Path, typer.Argument(help="Held-out pairs to evaluate on")],
-    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="A checkpoint directory trained here")],
+    pairs: Annotated[Path | None, typer.Argument(help="Held-out pairs to evaluate recall on")] = None,
+    checkpoint: Annotated[
+        Path | None, typer.Option("--checkpoint", help="A checkpoint directory trained here")
+    ] = None,
     rerank: Annotated[
         int, typer.Option("--rerank", min=0, help="Re-rank the top K with the ITM head (0: off)")
     ] = 0,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Use only the first N images")] = None,
+    binding: Annotated[
+        Path | None,
+        typer.Option("--binding", help="Image + caption + negative caption triples (SugarCrepe/ARO layout)"),
+    ] = None,
+    binding_images: Annotated[
+        Path | None, typer.Option("--binding-images", help="Folder the triples' image paths are relative to")
+    ] = None,
+    zero_shot: Annotated[
+        Path | None, typer.Option("--zero-shot", help="Folder with one subfolder of images per class")
+    ] = None,
+    templates: Annotated[
+        str, typer.Option("--templates", help="Zero-shot prompts: openai, simple, plain, or a file with {c}")
+    ] = "openai",
     device: Annotated[str, typer.Option("--device")] = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="JSON on stdout, nothing else")] = False,
 ) -> None:
-    """Recall@1/5/10 both ways, after ITM re-ranking of the top K, and attribute binding."""
-    import open_clip
+    """Recall@1/5/10 both ways, after ITM re-ranking of the top K, attribute binding, zero-shot accuracy."""
+    from retrieval.errors import UserError
 
+    if checkpoint is None:
+        raise UserError("eval needs --checkpoint DIR, a checkpoint trained with `retrieval train`")
+    from retrieval.eval.binding import BindingConfig
     from retrieval.eval.evaluate import EvalConfig
-    from retrieval.eval.evaluate import evaluate as run
-    from retrieval.models.albef import load_albef
-    from retrieval.models.encoders import resolve_device
-    from retrieval.train.data import load_pairs
+    from retrieval.eval.suite import SuiteConfig, evaluate_checkpoint
+    from retrieval.eval.zeroshot import ZeroShotConfig
 
-    dev = resolve_device(device)
-    model, arch = load_albef(checkpoint)
-    model = model.to(dev)
-    cfg = model.clip.visual.preprocess_cfg
-    size = model.clip.visual.image_size
-    result = run(
-        model,
-        load_pairs(pairs),
-        EvalConfig(rerank_k=rerank, limit=limit),
-        image_size=int(size[0] if isinstance(size, (tuple, list)) else size),
-        mean=cfg["mean"],
-        std=cfg["std"],
-        tokenizer=open_clip.get_tokenizer(arch),
-        device=dev,
+    cfg = SuiteConfig(
+        pairs=str(pairs) if pairs else None,
+        binding=str(binding) if binding else None,
+        zero_shot=str(zero_shot) if zero_shot else None,
+        device=device,
+        recall=EvalConfig(rerank_k=rerank, limit=limit),
+        triples=BindingConfig(images_root=str(binding_images) if binding_images else None),
+        classes=ZeroShotConfig(templates=templates),
     )
+    result = evaluate_checkpoint(checkpoint, cfg)
     if json_out:
         typer.echo(json.dumps(result))
     else:

@@ -123,6 +123,14 @@ def iter_pairs(
     return _counted(pairs, stats)
 
 
+def load_pairs(source: str | os.PathLike, stats: PairStats | None = None) -> list[Pair]:
+    """Every pair of a source in memory; a source without one usable pair is a UserError."""
+    pairs = list(iter_pairs(source, stats))
+    if not pairs:
+        raise UserError(f"{source}: no usable image-text pairs")
+    return pairs
+
+
 def _counted(pairs: Iterator[Pair], stats: PairStats) -> Iterator[Pair]:
     for pair in pairs:
         stats.read += 1

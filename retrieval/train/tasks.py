@@ -23,8 +23,8 @@ from retrieval.losses.contrastive import (
 from retrieval.losses.distill import FeatureQueue, distilled_clip_loss, momentum_update
 from retrieval.losses.mining import same_id_mask
 from retrieval.models.albef import AlbefModel
-from retrieval.models.fusion import itm_forward
 from retrieval.train.config import ObjectiveConfig
+from retrieval.train.itm import itm_forward
 
 
 class ItcItmTask(nn.Module):
@@ -35,7 +35,7 @@ class ItcItmTask(nn.Module):
         self.queue: FeatureQueue | None = None
         if cfg.distill:
             self.momentum_model = model.momentum_copy()
-            dim = int(model.clip.text_projection.shape[1])
+            dim = model.embed_dim
             self.queue = FeatureQueue(dim, cfg.queue_size)
         # negative sampling has its own generator: its state is checkpointed, so a resumed run mines the same
         self.sampler = torch.Generator().manual_seed(seed + 17)

@@ -25,7 +25,7 @@ from retrieval.data.synth import (
     scene_key,
 )
 from retrieval.errors import UserError
-from retrieval.eval import evaluate as evaluate_module
+from retrieval.eval import scoring as scoring_module
 from retrieval.eval.evaluate import EvalConfig, evaluate
 from retrieval.eval.metrics import binding_accuracy, recall_at_k, rerank_score, rerank_top_k
 from retrieval.models.albef import AlbefModel, itm_match_prob
@@ -172,12 +172,12 @@ def test_evaluate_oracle_scores_are_perfect(
     heldout: list[Pair], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Features that identify the scene exactly must give R@1 = 1 both ways and binding = 1: this checks the
-    gallery, the query dedupe by scene key, the positives and the re-ranking wiring, not a model."""
+    gallery, the queries (every distinct caption), the positives by scene and the re-ranking wiring, not a model."""
     two = next(p for p in heldout if p.extra["relation"] is not None)
     copy = tmp_path / "copy.jpg"
     shutil.copy(two.image, copy)
-    # a second caption of one image in the other wording (one query, not two), and a second image of the same
-    # scene under that wording (both images are positives of that query; ties between them must not hurt)
+    # a second caption of one image in the other wording (a query of its own, COCO protocol), and a second image of
+    # the same scene under that wording (both images are positives of both queries; ties must not hurt)
     pairs = [*heldout, _reworded(two, two.image), _reworded(two, str(copy))]
 
     scene_ids: dict[str, int] = {}
@@ -207,14 +207,14 @@ def test_evaluate_oracle_scores_are_perfect(
         images = image_tokens[image_index]  # (B, N, W): the image each text row is scored against
         return (text_tokens[:, 0] * images[:, 0]).sum(-1)  # (B,) 1 for the same scene, else 0
 
-    monkeypatch.setattr(evaluate_module, "load_for_model", fake_load)
-    monkeypatch.setattr(evaluate_module, "encode_image_tokens", fake_image)
-    monkeypatch.setattr(evaluate_module, "encode_text_tokens", fake_text)
-    monkeypatch.setattr(evaluate_module, "itm_match_prob", fake_itm)
+    monkeypatch.setattr(scoring_module, "load_for_model", fake_load)
+    monkeypatch.setattr(scoring_module, "encode_image_tokens", fake_image)
+    monkeypatch.setattr(scoring_module, "encode_text_tokens", fake_text)
+    monkeypatch.setattr(scoring_module, "itm_match_prob", fake_itm)
     oracle = dict(mean=(0, 0, 0), std=(1 / 255,) * 3, tokenizer=fake_tokenizer)
     result = run(micro_model(), pairs, EvalConfig(rerank_k=3), **oracle)
     assert result["n_images"] == len(heldout) + 1
-    assert result["n_texts"] == len({scene_key(p.extra["objects"], p.extra["relation"]) for p in heldout})
+    assert result["n_texts"] == len({p.caption.lower() for p in pairs})
     for metric in RECALLS:
         assert result[metric] == 1.0, metric
         assert result[f"rerank.{metric}"] == 1.0, metric
@@ -273,16 +273,16 @@ def test_itm_scorer_trims_padding_and_caches_pairs(monkeypatch: pytest.MonkeyPat
     with torch.inference_mode():
         # different lengths, so trimming to the longest real caption in a batch is really exercised
         captions = ["a small red circle", "a large blue square to the left of a small green cross", "a cross"]
-        texts = evaluate_module._encode_texts(model, tokenizer, captions, torch.device("cpu"), 8, True)
+        texts = scoring_module.encode_texts(model.clip, tokenizer, captions, torch.device("cpu"), 8, True)
         image_tokens = torch.randn(2, 5, model.clip.visual.transformer.width)  # (I=2, N, Wv)
-        images = evaluate_module._Encoded(torch.randn(2, 32), image_tokens)
-        scorer = evaluate_module._PairScorer(model, texts, images, batch=2)
+        images = scoring_module.Encoded(torch.randn(2, 32), image_tokens)
+        scorer = scoring_module.PairScorer(model, texts, images, batch=2)
         t, i = torch.tensor([0, 1, 2, 2]), torch.tensor([1, 0, 1, 0])
         got = scorer(t, i)
         full = model.itm_logits(texts.tokens[t], texts.mask[t], image_tokens[i]).softmax(-1)[:, 1]  # (4,)
         assert torch.allclose(got, full, atol=1e-5)
         calls: list[int] = []
-        monkeypatch.setattr(evaluate_module, "itm_match_prob", lambda m, tok, *_: calls.append(len(tok)))
+        monkeypatch.setattr(scoring_module, "itm_match_prob", lambda m, tok, *_: calls.append(len(tok)))
         again = scorer(t.flip(0), i.flip(0))  # pairs already scored: no fusion pass
         assert calls == [] and torch.equal(again, got.flip(0))
 

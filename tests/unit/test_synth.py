@@ -53,7 +53,7 @@ def test_same_seed_same_bytes(tmp_path: Path) -> None:
     generate(tmp_path / "b", cfg, progress=False)
     generate(tmp_path / "c", SynthConfig(n=30, noise=0.2, seed=8), progress=False)
     a, b, c = files(tmp_path / "a"), files(tmp_path / "b"), files(tmp_path / "c")
-    assert len(a) == 30 + 3 and a == b
+    assert len(a) == 30 + 4 and a == b  # images, train, heldout, heldout_binding, synth.json
     assert (
         a["train.jsonl"] != c["train.jsonl"] and a["images/train/000000.jpg"] != c["images/train/000000.jpg"]
     )

@@ -1,0 +1,76 @@
+"""`retrieval eval` beyond held-out pairs: --binding triples (as `data synth` writes them) and --zero-shot folders."""
+
+import json
+import os
+
+import pytest
+
+from tests.cli.conftest import run_cli
+from tests.cli.test_train_eval import TINY, sets
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval-suite")
+    scenes, ck = root / "scenes", root / "ck"
+    result = run_cli("data", "synth", scenes, "-n", "120", "--image-size", "48")
+    assert result.returncode == 0, result.stderr
+    result = run_cli("train", scenes / "train.jsonl", "--out", ck, "-q", *sets(*TINY, "steps=4"))
+    assert result.returncode == 0, result.stderr
+    # a folder per class: the one-object scenes by their shape
+    classes = root / "classes"
+    for line in (scenes / "train.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if len(row["objects"]) == 1:
+            folder = classes / row["objects"][0]["shape"]
+            folder.mkdir(parents=True, exist_ok=True)
+            os.symlink(scenes / row["image"], folder / os.path.basename(row["image"]))
+    return scenes, ck, classes
+
+
+def test_binding_triples_and_zero_shot_from_the_command_line(trained):
+    scenes, ck, classes = trained
+    synth = run_cli("eval", scenes / "heldout.jsonl", "--checkpoint", ck, "--json")
+    assert synth.returncode == 0, synth.stderr
+    triples = run_cli("eval", "--binding", scenes / "heldout_binding.jsonl", "--checkpoint", ck, "--json")
+    assert triples.returncode == 0, triples.stderr
+    by_rows, by_file = json.loads(synth.stdout), json.loads(triples.stdout)
+    # the triples `data synth` writes score exactly as the held-out rows' own hard negatives
+    assert {k: v for k, v in by_rows.items() if k.startswith("binding")} == {
+        k: v for k, v in by_file.items() if k in by_rows
+    }
+    assert by_file["binding.n_triples"] > 0 and by_file["binding.skipped_triples"] == 0
+    both = run_cli(
+        "eval",
+        scenes / "heldout.jsonl",
+        "--checkpoint",
+        ck,
+        "--binding",
+        scenes / "heldout_binding.jsonl",
+        "--zero-shot",
+        classes,
+        "--templates",
+        "plain",
+        "--json",
+    )
+    assert both.returncode == 0, both.stderr
+    report = json.loads(both.stdout)
+    assert report["t2i.R@1"] == by_rows["t2i.R@1"] and report["binding.itc"] == by_file["binding.itc"]
+    assert report["zeroshot.n_classes"] == 4 and report["zeroshot.n_images"] > 0
+    assert 0.0 <= report["zeroshot.acc@1"] <= report["zeroshot.acc@5"] == 1.0  # 4 classes: top 5 holds all
+
+
+def test_bad_eval_input_is_one_line_exit_2(trained, tmp_path):
+    scenes, ck, classes = trained
+    (tmp_path / "one" / "only").mkdir(parents=True)
+    for args, message in (
+        (["eval", "--checkpoint", ck], "nothing to evaluate"),
+        (["eval", "--binding", scenes / "train.jsonl", "--checkpoint", ck], "negative | neg"),
+        (["eval", "--zero-shot", tmp_path / "one", "--checkpoint", ck], "at least 2"),
+        (["eval", "--zero-shot", classes, "--templates", "nope", "--checkpoint", ck], "not one of openai"),
+        (["eval", "--zero-shot", classes], "needs --checkpoint"),
+    ):
+        result = run_cli(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+        assert message in result.stderr and result.stdout == ""
