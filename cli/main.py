@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from cli import data, output
+from cli import collection, data, output
 from cli import serve as serve_cmd
 from cli import train as train_cmds
 from cli.errors import handle_errors
@@ -28,6 +28,9 @@ app.add_typer(data.app, name="data")
 app.command(name="train")(train_cmds.train)
 app.command(name="eval")(train_cmds.evaluate)
 app.command(name="serve")(serve_cmd.serve)
+app.command(name="info")(collection.info)
+app.command(name="export")(collection.export)
+app.command(name="dedup")(collection.dedup)
 
 
 ModelOpt = Annotated[
@@ -58,8 +61,23 @@ IndexSeedOpt = Annotated[
 @app.command()
 @handle_errors
 def index(
-    paths: Annotated[list[Path], typer.Argument(help="Image folders or files to index")],
-    db: Annotated[Path, typer.Option("--db", help="Collection directory (created if missing)")],
+    paths: Annotated[list[Path] | None, typer.Argument(help="Image folders or files to index")] = None,
+    db: Annotated[Path, typer.Option("--db", help="Collection directory (created if missing)")] = Path(
+        "collection"
+    ),
+    embeddings: Annotated[
+        Path | None,
+        typer.Option("--embeddings", help="Import precomputed vectors: img_emb/ + metadata/, or parquet"),
+    ] = None,
+    max_memory: Annotated[
+        str | None, typer.Option("--max-memory", help="RAM the index may take, e.g. 2G (default: 2G)")
+    ] = None,
+    target_recall: Annotated[
+        float | None, typer.Option("--target-recall", help="recall@10 to tune for (default 0.95)")
+    ] = None,
+    flat_max: Annotated[
+        int | None, typer.Option("--flat-max", help="Exact search up to this many vectors (default 100000)")
+    ] = None,
     model: ModelOpt = None,
     pretrained: PretrainedOpt = None,
     checkpoint: CheckpointOpt = None,
@@ -80,7 +98,28 @@ def index(
     from retrieval.pipelines.model_choice import index_encoder
 
     encoder = index_encoder(db, model, pretrained, str(checkpoint) if checkpoint else None, seed, device)
-    run = IndexRunConfig(batch_size=batch_size, workers=workers, commit_every=commit_every, reembed=reembed)
+    run = IndexRunConfig(
+        batch_size=batch_size,
+        workers=workers,
+        commit_every=commit_every,
+        reembed=reembed,
+        max_memory=collection.parse_bytes(max_memory),
+        target_recall=target_recall,
+        flat_max=flat_max,
+    )
+    if not quiet:
+        collection.show_index_progress()
+    if embeddings is not None:
+        from retrieval.pipelines.embeddings_io import import_embeddings
+
+        summary = import_embeddings(embeddings, db, encoder, run, progress=not quiet)
+        if json_out:
+            typer.echo(json.dumps(output.summary_dict(summary)))
+        else:
+            output.print_import(summary)
+        return
+    if not paths:
+        raise typer.BadParameter("give image folders or files, or --embeddings DIR")
     summary = index_folder(
         [str(p) for p in paths],
         db,
@@ -116,17 +155,37 @@ def search(
     checkpoint: CheckpointOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
+    vectors: Annotated[
+        Path | None, typer.Option("--vectors", help="A .npy of query vectors (Q, dim): one result list each")
+    ] = None,
+    unique: Annotated[bool, typer.Option("--unique", help="One hit per group of near-duplicates")] = False,
+    threshold: Annotated[
+        float, typer.Option("--threshold", help="Cosine that makes two hits one (--unique)")
+    ] = 0.95,
 ) -> None:
-    """Find images in a collection by text, by image, or both (through `retrieval serve` when one runs)."""
+    """Find images in a collection by text, by image, or both (through `retrieval serve` when one runs); or
+    answer a batch of query vectors."""
+    if vectors is not None:
+        from retrieval.pipelines.collection_tools import search_vectors
+
+        results = search_vectors(db, vectors, k, threshold if unique else None)
+        if json_out:
+            typer.echo(json.dumps([[output.hit_dict(h) for h in hits] for hits in results]))
+        else:
+            for hits in results:
+                output.print_hits(hits)
+        return
     hits = None
-    if model is None and pretrained is None and checkpoint is None and not rerank:
+    if model is None and pretrained is None and checkpoint is None and not rerank and not unique:
         hits = _search_on_server(db, query, str(image) if image else None, k)
     if hits is None:
         from retrieval.pipelines import search as search_pipeline
         from retrieval.pipelines.model_choice import search_encoder
 
         cfg = search_encoder(db, model, pretrained, str(checkpoint) if checkpoint else None, seed, device)
-        hits = search_pipeline.search(db, query, str(image) if image else None, k, cfg, device, rerank)
+        hits = search_pipeline.search(
+            db, query, str(image) if image else None, k, cfg, device, rerank, threshold if unique else None
+        )
     if html:
         from retrieval.pipelines.contact_sheet import write_contact_sheet
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 from rich.console import Console
@@ -52,11 +53,7 @@ def print_index_summary(s: Any) -> None:
     )
     if s.embedded_per_s:
         err.print(f"model throughput {s.embedded_per_s:.1f} img/s")
-    if s.index:
-        err.print(
-            f"index: {s.index.get('type')} over {s.index.get('count')} vectors, "
-            f"recall@10 {s.index.get('recall@10')}, built in {s.index.get('build_seconds')}s"
-        )
+    print_index_line(s.index)
     if s.skipped:
         err.print(f"[yellow]skipped {len(s.skipped)} file(s):[/yellow]")
         for path, reason in list(s.skipped.items())[:50]:
@@ -72,3 +69,53 @@ def print_metrics(result: dict[str, Any]) -> None:
     for key, value in result.items():
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     out.print(table)
+
+
+def print_info(report: dict[str, Any]) -> None:
+    model, card, file = report["model"], report["index"], report["index_file"]
+    out.print(
+        f"[bold]{report['db']}[/bold]: {report['rows']} rows, {model.get('arch')} ({model.get('weights')}), "
+        f"{model.get('embed_dim')}-d"
+    )
+    if not card:
+        out.print("index: none built yet (the next `retrieval index` or search builds it)")
+        return
+    table = Table(show_edge=False, show_header=False)
+    latency = card.get("latency_ms") or {}
+    fields = [
+        ("index", f"{card.get('type')} ({card.get('factory')}) on the {card.get('device', 'cpu')}"),
+        ("vectors", f"{card.get('count')} ({card.get('count_at_build')} at build)"),
+        ("search params", json.dumps(card.get("search_params") or {})),
+        (
+            "recall@10",
+            f"{card.get('recall@10')} against exact search, {card.get('recall_queries')} held-out queries "
+            f"(target {card.get('target_recall')})",
+        ),
+        (
+            "latency",
+            f"p50 {latency.get('p50')} ms, p99 {latency.get('p99')} ms per query; "
+            f"{card.get('batch_qps')} queries/s batched",
+        ),
+        ("build", f"{card.get('build_seconds')} s (training {card.get('train_seconds')} s)"),
+        ("size", f"{file.get('bytes_on_disk')} bytes on disk; up to date: {file.get('up_to_date')}"),
+    ]
+    for key, value in fields:
+        table.add_row(key, value)
+    out.print(table, markup=False, highlight=False)
+
+
+def print_index_line(index: dict[str, Any]) -> None:
+    if index:
+        err.print(
+            f"index: {index.get('type')} over {index.get('count')} vectors, "
+            f"recall@10 {index.get('recall@10')}, built in {index.get('build_seconds')}s"
+        )
+
+
+def print_import(s: Any) -> None:
+    err.print(
+        f"[bold]{s.db}[/bold]: {s.total} vectors ({s.model}); {s.imported} imported from "
+        f"{s.sources - s.already} file(s) in {s.seconds:.1f}s ({s.already} imported before), "
+        f"{s.bad_vectors} unusable vector(s) skipped"
+    )
+    print_index_line(s.index)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -53,14 +53,17 @@ def _id_filter(ids: Iterable[int]) -> str:
 
 
 class ImageStore:
-    def __init__(self, directory: str | os.PathLike, dim: int | None = None):
-        """Open the table in `directory`; create it when `dim` is given and there is none yet."""
+    def __init__(self, directory: str | os.PathLike, dim: int | None = None, table: str = TABLE):
+        """Open `table` in `directory`; create it when `dim` is given and there is none yet."""
         self.directory = str(directory)
-        self._db = lancedb.connect(self.directory)
-        if TABLE in self._db.list_tables().tables:
-            self._table = self._db.open_table(TABLE)
+        self.name = table
+        self.before_write: Callable[[np.ndarray], None] | None = None  # told the ids of each write first
+        # every read sees the latest commit, also one another process made after this store was opened
+        self._db = lancedb.connect(self.directory, read_consistency_interval=timedelta(0))
+        if table in self._db.list_tables().tables:
+            self._table = self._db.open_table(table)
         elif dim is not None:
-            self._table = self._db.create_table(TABLE, schema=schema(dim))
+            self._table = self._db.create_table(table, schema=schema(dim))
         else:
             raise CollectionError(f"{directory}: no collection here; create one with `retrieval index`")
 
@@ -97,6 +100,7 @@ class ImageStore:
         columns["path"], columns["meta"] = [s[0] for s in stored], [s[1] for s in stored]
         columns["vector"] = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), self.dim)
         table = pa.table(columns, schema=schema(self.dim))
+        self._announce(columns["id"])
         (
             self._table.merge_insert("id")
             .when_matched_update_all()
@@ -104,8 +108,13 @@ class ImageStore:
             .execute(table)
         )
 
+    def _announce(self, ids: list[int]) -> None:
+        if self.before_write is not None and len(ids):
+            self.before_write(np.asarray(ids, np.int64))
+
     def delete(self, ids: Iterable[int]) -> None:
         ids = list(ids)
+        self._announce(ids)
         for start in range(0, len(ids), _ID_CHUNK):
             self._table.delete(_id_filter(ids[start : start + _ID_CHUNK]))
 
@@ -121,6 +130,18 @@ class ImageStore:
                 row["path"] = from_stored(row["path"], row["meta"])
                 out[row["id"]] = row
         return out
+
+    def arrow_schema(self, columns: list[str]) -> pa.Schema:
+        return pa.schema([self._table.schema.field(c) for c in columns])
+
+    def iter_batches(self, columns: list[str], batch_rows: int = 65536) -> Iterator[pa.RecordBatch]:
+        """The table's rows as Arrow batches of the named columns, streaming."""
+        yield from self._table.search().select(columns).to_batches(batch_rows)
+
+    def ids(self) -> np.ndarray:
+        """Every id in the table (int64), reading that column only."""
+        parts = [b.column("id").to_numpy() for b in self._table.search().select(["id"]).to_batches(262144)]
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
     def iter_vectors(self, batch_rows: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Stream (ids (n,) int64, vectors (n, dim) float32): bounded memory whatever the table size."""

@@ -34,6 +34,14 @@ class IndexRunConfig:
     commit_every: int = 512  # images per LanceDB commit: a killed run loses at most this many embeddings
     reembed: bool = False  # re-embed everything (required to switch a collection to another model)
     max_pixels: int = 178_956_970  # decompression-bomb limit (PIL's default): larger images are skipped
+    # the index (indexes/choose.py); None keeps the collection's own setting (a new one gets IndexConfig's)
+    max_memory: int | None = None  # bytes the FAISS index may take in RAM: exact, SQ8 or PQ codes
+    target_recall: float | None = None  # recall@10 against exact search that nprobe is tuned to
+    flat_max: int | None = None  # exact search up to this many vectors
+
+    def index_settings(self) -> dict[str, Any]:
+        names = ("max_memory", "target_recall", "flat_max")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:

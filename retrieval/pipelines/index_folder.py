@@ -113,7 +113,9 @@ def index_folder(
 
             raise UserError(f"{root}: no such file or directory")
     encoder = encoder or load_encoder(encoder_cfg)
-    with Collection.open_for_write(db, encoder.identity, reembed=run.reembed) as collection:
+    with Collection.open_for_write(
+        db, encoder.identity, reembed=run.reembed, index_settings=run.index_settings()
+    ) as collection:
         summary = IndexSummary(db=str(db), model=describe_weights(encoder.identity))
         known = collection.store.stats()
         problems: list[ScanProblem] = []
@@ -174,7 +176,7 @@ def index_folder(
             or not collection.index_is_fresh()
         ):
             collection.store.optimize()
-            summary.index = collection.rebuild_index()
+            summary.index = collection.finish()  # in place, or rebuilt beside and swapped in
         else:
             summary.index = collection.manifest.get("index", {})
         summary.total = collection.store.count()

@@ -19,6 +19,7 @@ from retrieval.data.images import IMAGE_EXTENSIONS, ImageDecodeError, load_for_m
 from retrieval.errors import UserError
 from retrieval.models.encoders import Encoder, load_encoder
 from retrieval.pipelines.model_choice import collection_encoder
+from retrieval.pipelines.collection_tools import unique_hits
 from retrieval.pipelines.rerank import load_reranker, rerank_hits, rerank_text
 
 _SPLIT = re.compile(r"\s+([+-])\s+")  # operators need spaces around them, so "t-shirt" stays one term
@@ -94,10 +95,12 @@ def search(
     encoder_cfg: EncoderConfig | None = None,
     device: str = "auto",
     rerank: int = 0,
+    unique: float | None = None,
 ) -> list[dict[str, Any]]:
     """Top-k rows (path, score, width, height, ...) best first. rerank=K: the index's top max(K, k) with the
     first K re-ordered by the ITM head of the checkpoint (encoder_cfg's, else the collection's), each given its
-    "itm" match probability and "rerank" score (pipelines/rerank.py)."""
+    "itm" match probability and "rerank" score (pipelines/rerank.py). unique=F: near-duplicates (cosine >= F) of
+    a better hit are left out (pipelines/collection_tools.py)."""
     if k < 1:
         raise UserError(f"-k {k}: must be at least 1")
     if rerank < 0:
@@ -115,7 +118,7 @@ def search(
         terms.append(QueryTerm(1.0, image=image))
     if not terms:
         raise UserError("nothing to search for: give a text query, or --image FILE")
-    hits = collection.search(query_vector(encoder, terms)[None], max(k, rerank))[0]
+    hits = unique_hits(collection, query_vector(encoder, terms)[None], max(k, rerank), unique)[0]
     if not rerank:
         return hits
     model = load_reranker(encoder_cfg.checkpoint, encoder.model).to(encoder.device)
