@@ -65,7 +65,15 @@ def index(
     seed: SeedOpt = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Decoding processes")] = 1,
-    commit_every: Annotated[int, typer.Option("--commit-every", min=1, help="Images per commit")] = 512,
+    commit_every: Annotated[
+        int, typer.Option("--commit-every", min=1, help="Images per commit at most")
+    ] = 512,
+    commit_seconds: Annotated[
+        float, typer.Option("--commit-seconds", min=0.0, help="Commit at least this often (seconds of work)")
+    ] = 2.0,
+    watch: Annotated[
+        bool, typer.Option("--watch", help="After indexing, follow the folders' changes until Ctrl-C/SIGTERM")
+    ] = False,
     reembed: Annotated[
         bool, typer.Option("--reembed", help="Re-embed everything (e.g. with another model)")
     ] = False,
@@ -75,20 +83,27 @@ def index(
 ) -> None:
     """Embed the images under PATHS into the collection --db: incremental and resumable."""
     from retrieval.config import IndexRunConfig
+
+    run = IndexRunConfig(
+        batch_size=batch_size,
+        workers=workers,
+        commit_every=commit_every,
+        commit_seconds=commit_seconds,
+        reembed=reembed,
+    )
+    cfg = encoder_config(model, pretrained, checkpoint, seed, device)
+    report = output.json_line if json_out else output.print_index_summary
+    if watch:
+        from retrieval.pipelines.watch import watch_folder
+
+        last = watch_folder(
+            [str(p) for p in paths], db, cfg, run, progress=not quiet, report=report, ready=output.watching
+        )
+        output.err.print(f"stopped watching: {last.total} images in {db}, every change committed")
+        return
     from retrieval.pipelines.index_folder import index_folder
 
-    run = IndexRunConfig(batch_size=batch_size, workers=workers, commit_every=commit_every, reembed=reembed)
-    summary = index_folder(
-        [str(p) for p in paths],
-        db,
-        encoder_config(model, pretrained, checkpoint, seed, device),
-        run,
-        progress=not quiet,
-    )
-    if json_out:
-        typer.echo(json.dumps(output.summary_dict(summary)))
-    else:
-        output.print_index_summary(summary)
+    report(index_folder([str(p) for p in paths], db, cfg, run, progress=not quiet))
 
 
 @app.command()

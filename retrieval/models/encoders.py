@@ -17,6 +17,7 @@ import torch
 
 from retrieval.config import EncoderConfig
 from retrieval.errors import UserError
+from retrieval.models.source import model_source
 from retrieval.models.stems import STEMS_FILE, apply_conv_stem, preset_stem
 
 PRESET_DIR = Path(__file__).parent / "configs"
@@ -197,13 +198,7 @@ def load_encoder(cfg: EncoderConfig) -> Encoder:
     model = model.to(device).eval()
     identity = model_identity(model, arch, weights)
     # how to rebuild this encoder later (search reads it from the manifest); not part of the comparison
-    pretrained = os.path.abspath(cfg.pretrained) if os.path.isfile(cfg.pretrained) else cfg.pretrained
-    identity["source"] = {
-        "arch": arch,
-        "pretrained": pretrained,
-        "checkpoint": os.path.abspath(cfg.checkpoint) if cfg.checkpoint else None,
-        "seed": cfg.seed,
-    }
+    identity["source"] = {**model_source(cfg), "arch": arch}
     return Encoder(
         model=model,
         tokenizer=open_clip.get_tokenizer(arch),
