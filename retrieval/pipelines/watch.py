@@ -19,7 +19,8 @@ from collections.abc import Callable, Sequence
 
 from retrieval.config import EncoderConfig, IndexRunConfig, WatchConfig
 from retrieval.data.images import IMAGE_EXTENSIONS
-from retrieval.pipelines.index_folder import FolderIndexer, IndexSummary, check_roots, open_collection
+from retrieval.pipelines.folder_state import IndexSummary, check_roots
+from retrieval.pipelines.indexer import FolderIndexer, open_collection
 
 
 class Changes:

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from retrieval.data.pairs import PairStats
 from retrieval.errors import UserError
+from retrieval.lifecycle import Interrupted
 from retrieval.models.albef import AlbefModel
 from retrieval.models.checkpoint import load_dual_encoder, read_config, save_checkpoint
 from retrieval.models.encoders import autocast_dtype, create_clip, resolve_device
@@ -214,52 +215,65 @@ def train(
     window, t0, metrics = {}, time.perf_counter(), {}
     step = start
     last = min(cfg.steps, stop_after) if stop_after else cfg.steps
-    for step in range(start + 1, last + 1):
-        if mine and step > 1 and (step - 1) % cfg.mine_every == 0:
-            remine()  # every rank mines the same table from the same weights
-        task.train()
-        for micro in range(cfg.grad_accum):
-            batch = data.batch((step - 1) * cfg.grad_accum + micro)
-            x = normalize(batch.pixels, preprocess["mean"], preprocess["std"], device)
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                negatives = [
-                    t.to(device) if t is not None else None
-                    for t in (batch.negative_tokens, batch.negative_valid)
-                ]
-                losses = engine(x, batch.tokens.to(device), batch.caption_ids.to(device), *negatives)
-            (losses["loss"] / cfg.grad_accum).backward()
-            for k, v in losses.items():
-                window[k] = window.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
-        if cfg.optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(task.parameters(), cfg.optim.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        task.after_step()
-        bar.update(1)
+    done = saved = start
+    stepping = False
+    try:
+        for step in range(start + 1, last + 1):
+            if mine and step > 1 and (step - 1) % cfg.mine_every == 0:
+                remine()  # every rank mines the same table from the same weights
+            task.train()
+            for micro in range(cfg.grad_accum):
+                batch = data.batch((step - 1) * cfg.grad_accum + micro)
+                x = normalize(batch.pixels, preprocess["mean"], preprocess["std"], device)
+                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    negatives = [
+                        t.to(device) if t is not None else None
+                        for t in (batch.negative_tokens, batch.negative_valid)
+                    ]
+                    losses = engine(x, batch.tokens.to(device), batch.caption_ids.to(device), *negatives)
+                (losses["loss"] / cfg.grad_accum).backward()
+                for k, v in losses.items():
+                    window[k] = window.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+            if cfg.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(task.parameters(), cfg.optim.grad_clip)
+            stepping = True  # from here to after_step the weights are between two steps
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            task.after_step()
+            stepping, done = False, step
+            bar.update(1)
 
-        if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
-            n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
-            seconds = time.perf_counter() - t0
-            record = {
-                "step": step,
-                **{k: round(v / n, 5) for k, v in window.items()},
-                "lr": sched.get_last_lr()[0],
-                "temperature": round(1 / model.logit_scale.exp().item(), 5),
-                "samples_per_s": round(n * cfg.batch_size * cfg.grad_accum * world / seconds, 1),
-            }
-            if eval_pairs is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
-                metrics = _evaluate(model, eval_pairs, cfg, image_size, preprocess, arch, device)
-                record.update({f"eval.{k}": v for k, v in metrics.items()})
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            shown = {"loss": f"{record['loss']:.3f}"}
-            if "itm_acc" in record:
-                shown["itm_acc"] = f"{record['itm_acc']:.2f}"
-            bar.set_postfix(shown)
-            window, t0 = {}, time.perf_counter()
-        if rank == 0 and (step % cfg.save_every == 0 or step == last):
-            checkpoint(step, metrics)
+            if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
+                n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
+                seconds = time.perf_counter() - t0
+                record = {
+                    "step": step,
+                    **{k: round(v / n, 5) for k, v in window.items()},
+                    "lr": sched.get_last_lr()[0],
+                    "temperature": round(1 / model.logit_scale.exp().item(), 5),
+                    "samples_per_s": round(n * cfg.batch_size * cfg.grad_accum * world / seconds, 1),
+                }
+                if eval_pairs is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+                    metrics = _evaluate(model, eval_pairs, cfg, image_size, preprocess, arch, device)
+                    record.update({f"eval.{k}": v for k, v in metrics.items()})
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                shown = {"loss": f"{record['loss']:.3f}"}
+                if "itm_acc" in record:
+                    shown["itm_acc"] = f"{record['itm_acc']:.2f}"
+                bar.set_postfix(shown)
+                window, t0 = {}, time.perf_counter()
+            if rank == 0 and (step % cfg.save_every == 0 or step == last):
+                checkpoint(step, metrics)
+                saved = step
+    except KeyboardInterrupt:
+        bar.close()
+        if rank == 0 and done > saved and not stepping:
+            checkpoint(done, metrics)  # every step up to `done` is complete: --resume continues exactly
+            saved = done
+        kept = f"the checkpoint of step {saved} in {out} is kept" if saved else "no step was completed"
+        raise Interrupted(f"stopped at step {done} of {cfg.steps}; {kept}; --resume continues") from None
     bar.close()
     refine = cfg.objectives.itm and cfg.refine.steps > 0 and step == cfg.steps
     if rank == 0 and refine and not (start == cfg.steps and refined):
@@ -270,7 +284,13 @@ def train(
 
         # with distillation the momentum model also judges which pairs the stage learns from (refine.py)
         teacher = task.momentum_model if cfg.refine.teacher_sampling else None
-        refine_fusion(model, data, cfg, preprocess, device, amp, log, progress, teacher)
+        try:
+            refine_fusion(model, data, cfg, preprocess, device, amp, log, progress, teacher)
+        except KeyboardInterrupt:
+            raise Interrupted(
+                f"stopped in the refinement stage; the checkpoint of step {step} in {out} is kept; "
+                "--resume runs the stage again"
+            ) from None
         if eval_pairs is not None:
             metrics = _evaluate(model, eval_pairs, cfg, image_size, preprocess, arch, device)
             log(
