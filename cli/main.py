@@ -99,7 +99,7 @@ def index(
         last = watch_folder(
             [str(p) for p in paths], db, cfg, run, progress=not quiet, report=report, ready=output.watching
         )
-        output.err.print(f"stopped watching: {last.total} images in {db}, every change committed")
+        typer.echo(f"stopped watching: {last.total} images in {db}, every change committed", err=True)
         return
     from retrieval.pipelines.index_folder import index_folder
 
