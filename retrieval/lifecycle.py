@@ -8,6 +8,7 @@
   commits what is done whichever signal came; a second signal while that cleanup runs exits at once (every
   commit is atomic, so nothing committed is lost).
 - `Interrupted` carries the one line a stopped command prints about what it kept.
+- `children_ignore_sigint` starts children deaf to the terminal's Ctrl-C, which is the parent's to handle.
 """
 
 from __future__ import annotations
@@ -70,3 +71,18 @@ def stop_signals() -> Iterator[None]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+@contextlib.contextmanager
+def children_ignore_sigint() -> Iterator[None]:
+    """Processes started within the block ignore SIGINT from their first instruction (an ignored signal stays
+    ignored across exec), so Ctrl-C in a terminal, which reaches the whole process group, stops the command
+    alone and no half-started child prints a traceback. The parent ignores SIGINT only while they start."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

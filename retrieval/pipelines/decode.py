@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
-import signal
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ import numpy as np
 
 from retrieval.data.images import ImageDecodeError, load_for_model
 from retrieval.data.scan import FileEntry
-from retrieval.lifecycle import die_with_parent
+from retrieval.lifecycle import children_ignore_sigint, die_with_parent
 
 PREFETCH_BATCHES = 4  # batches decoded ahead of the model: absorbs slow files (big JPEGs, NFS), bounds memory
 
@@ -76,7 +75,6 @@ def collate(items: list[Decoded]) -> Batch:
 
 def _worker_init(parent_pid: int) -> None:
     die_with_parent(parent_pid)  # a killed index run must not leave decoders behind
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; no worker tracebacks
 
 
 def decoded_batches(
@@ -98,7 +96,9 @@ def decoded_batches(
     # threads can deadlock the child; and a spawned worker is this process's own child, so the kernel's
     # parent-death signal reaches it (a forkserver's children outlive the command)
     context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=_worker_init, initargs=(os.getpid(),)) as pool:
+    with children_ignore_sigint():
+        pool = context.Pool(workers, initializer=_worker_init, initargs=(os.getpid(),))
+    with pool:
         pending: deque = deque()
         todo = iter(chunks)
         for chunk in todo:

@@ -87,3 +87,9 @@ def wait_until_gone(sid: int, seconds: float) -> list[int]:
     while (alive := session_processes(sid)) and time.time() < deadline:
         time.sleep(0.1)
     return alive
+
+
+def committed_versions(db: Path) -> int:
+    """Lance commits so far (one version file each): how a test knows a run is past its first commits."""
+    versions = db / "images.lance" / "_versions"
+    return len(list(versions.iterdir())) if versions.is_dir() else 0

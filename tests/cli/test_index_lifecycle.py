@@ -14,7 +14,7 @@ import pytest
 
 from indexes.store import ImageStore
 from retrieval.errors import UserError
-from tests.cli.conftest import invoke, make_images, wait_until_gone
+from tests.cli.conftest import committed_versions, invoke, make_images, wait_until_gone
 
 MODEL = ["--model", "test-micro", "--device", "cpu"]
 
@@ -63,11 +63,6 @@ def start(*args) -> subprocess.Popen:
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
         start_new_session=True,  # its session id is its pid: how its children are found after it ends
     )
-
-
-def committed_versions(db) -> int:
-    versions = db / "images.lance" / "_versions"
-    return len(list(versions.iterdir())) if versions.is_dir() else 0
 
 
 @pytest.mark.slow

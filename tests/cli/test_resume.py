@@ -11,12 +11,13 @@ import time
 import pytest
 
 from indexes.store import ImageStore
-from tests.cli.conftest import make_images, run_cli, session_processes, wait_until_gone
-
-
-def committed_versions(db) -> int:
-    versions = db / "images.lance" / "_versions"
-    return len(list(versions.iterdir())) if versions.is_dir() else 0
+from tests.cli.conftest import (
+    committed_versions,
+    make_images,
+    run_cli,
+    session_processes,
+    wait_until_gone,
+)
 
 
 @pytest.mark.slow
