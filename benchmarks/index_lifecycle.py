@@ -58,11 +58,19 @@ def no_op(folder: Path, db: Path, model: list[str]) -> dict[str, float]:
     os.utime(touched, ns=(time.time_ns(), time.time_ns()))
     out["one file touched"] = timed(index)
     extra = folder / "zz-added"
-    make_folder(extra, 10)
+    make_folder(extra, 10, size=(128, 96))
     out["10 images added"] = timed(index)
     shutil.rmtree(extra)
     timed(index)  # back to the folder as it was
     return out
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+    except (OSError, StopIteration):
+        return 0.0
 
 
 def killed_run(folder: Path, db: Path, arch: str, after: float) -> dict[str, float]:
@@ -88,7 +96,8 @@ def killed_run(folder: Path, db: Path, arch: str, after: float) -> dict[str, flo
     started = lines[0][0] - lines[0][1] / lines[0][2]
     while time.perf_counter() - started < after and proc.poll() is None:
         time.sleep(0.1)
-    children = len(session_processes(proc.pid)) - 1
+    children = [pid for pid in session_processes(proc.pid) if pid != proc.pid]
+    child_rss = max((rss_mb(pid) for pid in children), default=0.0)
     os.kill(proc.pid, signal.SIGKILL)
     killed_at = time.perf_counter()
     proc.wait()
@@ -102,13 +111,16 @@ def killed_run(folder: Path, db: Path, arch: str, after: float) -> dict[str, flo
         "done at kill (est.)": done_at_kill,
         "committed": committed,
         "lost seconds of work": max(0.0, done_at_kill - committed) / rate,
-        "children at kill": children,
+        "children at kill": len(children),
+        "largest child RSS MB": child_rss,
         "processes alive 10 s after": len(alive),
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--model", default="test-micro", help="model of the no-op collections")
     parser.add_argument("--kill-model", default="ViT-B-32")
@@ -117,14 +129,15 @@ def main() -> None:
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}", flush=True)
     for n in args.sizes:
-        folder = args.work / f"images-{n}"
-        make_folder(folder, n)
+        folder = args.work / f"small-{n}"  # what a no-op costs does not depend on the pixels: small JPEGs
+        make_folder(folder, n, size=(128, 96))
         db = args.work / f"lifecycle-db-{n}-{time.time_ns()}"
         for what, seconds in no_op(folder, db, ["--model", args.model, "--device", "cpu"]).items():
             print(f"n={n:>6}: {what:<18} {seconds:6.2f} s", flush=True)
         shutil.rmtree(db)
     if args.kill_after > 0:
-        folder = args.work / f"images-{args.sizes[0]}"
+        folder = args.work / "images-1000"  # 480x360 JPEGs, as benchmarks/index_throughput.py makes them
+        make_folder(folder, 1000)
         db = args.work / f"lifecycle-kill-{time.time_ns()}"
         result = killed_run(folder, db, args.kill_model, args.kill_after)
         print(f"kill -9 of `index --model {args.kill_model}`:")
