@@ -2,7 +2,7 @@
 
 Everything that can go wrong with a file (not an image, truncated, a decompression bomb, an odd pixel mode)
 becomes an `ImageDecodeError` whose message is a short reason, so readers can skip, count and report bad files.
-This runs in DataLoader workers over large folders: each file is opened once, decoded once, at reduced scale
+This runs in decode workers over large folders: each file is opened once, decoded once, at reduced scale
 when the format allows (JPEG draft mode), and converted without intermediate copies where Pillow allows it.
 """
 
