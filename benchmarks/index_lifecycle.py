@@ -73,9 +73,9 @@ def rss_mb(pid: int) -> float:
         return 0.0
 
 
-def killed_run(folder: Path, db: Path, arch: str, after: float) -> dict[str, float]:
+def killed_run(folder: Path, db: Path, arch: str, after: float, batch: int) -> dict[str, float]:
     proc = subprocess.Popen(
-        cli("index", folder, "--db", db, "--model", arch, "--device", "cpu"),
+        cli("index", folder, "--db", db, "--model", arch, "--device", "cpu", "--batch-size", batch),
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -121,10 +121,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[1000, 10000])
     parser.add_argument("--model", default="test-micro", help="model of the no-op collections")
     parser.add_argument("--kill-model", default="ViT-B-32")
     parser.add_argument("--kill-after", type=float, default=30.0)
+    parser.add_argument("--kill-batch", type=int, default=64)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "retrieval-bench")
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}", flush=True)
@@ -139,8 +140,8 @@ def main() -> None:
         folder = args.work / "images-1000"  # 480x360 JPEGs, as benchmarks/index_throughput.py makes them
         make_folder(folder, 1000)
         db = args.work / f"lifecycle-kill-{time.time_ns()}"
-        result = killed_run(folder, db, args.kill_model, args.kill_after)
-        print(f"kill -9 of `index --model {args.kill_model}`:")
+        result = killed_run(folder, db, args.kill_model, args.kill_after, args.kill_batch)
+        print(f"kill -9 of `index --model {args.kill_model} --batch-size {args.kill_batch}`:")
         for what, value in result.items():
             print(f"  {what:<28} {value:8.1f}")
         shutil.rmtree(db)

@@ -14,9 +14,7 @@ import os
 import numpy as np
 from PIL import Image, ImageOps
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
-)
+from retrieval.data.scan import IMAGE_EXTENSIONS  # noqa: F401 - defined with the scan, which needs no numpy
 
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own hard limit (2 * MAX_IMAGE_PIXELS): about 13k x 13k
 

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from retrieval.config import EncoderConfig, IndexRunConfig, WatchConfig
-from retrieval.data.images import IMAGE_EXTENSIONS
+from retrieval.data.scan import IMAGE_EXTENSIONS
 from retrieval.pipelines.folder_state import IndexSummary, check_roots
 from retrieval.pipelines.indexer import FolderIndexer, open_collection
 
