@@ -32,7 +32,7 @@ from benchmarks.index_throughput import make_folder  # noqa: E402
 from indexes.store import ImageStore  # noqa: E402
 from tests.cli.conftest import session_processes, wait_until_gone  # noqa: E402
 
-PROGRESS = re.compile(r"embedding: ([\d,]+)/[\d,]+ img, ([\d.]+) img/s")
+PROGRESS = re.compile(r"embedding: (\d+)/\d+ img \(([\d.]+) img/s\)")
 
 
 def cli(*args) -> list[str]:
@@ -87,7 +87,7 @@ def killed_run(folder: Path, db: Path, arch: str, after: float, batch: int) -> d
     def read() -> None:
         for line in proc.stderr:
             if m := PROGRESS.search(line):
-                lines.append((time.perf_counter(), int(m.group(1).replace(",", "")), float(m.group(2))))
+                lines.append((time.perf_counter(), int(m.group(1)), float(m.group(2))))
 
     threading.Thread(target=read, daemon=True).start()
     while not lines and proc.poll() is None:

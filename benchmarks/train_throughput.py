@@ -29,8 +29,11 @@ def reference(pairs_file: Path, arch: str, batch: int, steps: int) -> float:
     import open_clip
     from open_clip.loss import ClipLoss
 
-    from retrieval.models.encoders import create_untrained  # our presets' model, conv stem included
-    from retrieval.train.data import PairImages, load_pairs, normalize
+    from retrieval.models.encoders import (
+        create_untrained,  # our presets' model, conv stem included
+        normalize,
+    )
+    from retrieval.train.data import PairImages, load_pairs
 
     torch.manual_seed(0)
     model = create_untrained(arch)  # open_clip.create_model, plus the preset's conv stem if it has one

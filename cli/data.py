@@ -34,13 +34,26 @@ def synth(
     workers: Annotated[
         int, typer.Option("--workers", min=1, help="Render processes (output is the same)")
     ] = 2,
+    captions: Annotated[
+        int, typer.Option("--captions", min=1, help="Captions per image (rows per image)")
+    ] = 1,
+    wording: Annotated[
+        str, typer.Option("--wording", help="fixed (one wording) or varied (a different one per caption)")
+    ] = "fixed",
 ) -> None:
     """Write captioned scenes of coloured shapes: images/, train.jsonl, heldout.jsonl, synth.json."""
     from retrieval.data.synth import SynthConfig, generate  # numpy and PIL load only when needed
     from retrieval.errors import UserError
 
     cfg = SynthConfig(
-        n=n, heldout_fraction=heldout_fraction, image_size=image_size, noise=noise, seed=seed, workers=workers
+        n=n,
+        heldout_fraction=heldout_fraction,
+        image_size=image_size,
+        noise=noise,
+        seed=seed,
+        workers=workers,
+        captions=captions,
+        wording=wording,
     )
     try:
         s = generate(out, cfg)

@@ -1,59 +1,81 @@
-"""Progress on stderr: a bar on a terminal; otherwise (a log file, a pipe, a service) a short line every few
-seconds, so logs stay readable and still show the rate and how far along the run is."""
+"""Progress on stderr: a tqdm bar on a terminal; a short line every few seconds when stderr is a file or a pipe, so
+a log file gets a readable trace instead of thousands of carriage-return frames."""
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from collections.abc import Iterable, Iterator
+from typing import Any
 
-from tqdm import tqdm
+LOG_EVERY_S = 5.0  # seconds between lines when stderr is not a terminal
 
 
-class Progress:
-    def __init__(
-        self,
-        total: int,
-        desc: str,
-        unit: str = "img",
-        enabled: bool = True,
-        every_s: float = 5.0,  # seconds between lines when stderr is not a terminal
-        stream: TextIO | None = None,
-    ):
-        self.stream = stream or sys.stderr
-        self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
-        self.done = 0
-        self.start = self.last_line = time.monotonic()
-        self.enabled = enabled and total > 0
-        tty = self.stream.isatty() if hasattr(self.stream, "isatty") else False
-        self.bar = None
-        if self.enabled and tty:
-            self.bar = tqdm(total=total, unit=unit, desc=desc, file=self.stream, smoothing=0.1)
+class LineProgress:
+    """The part of tqdm's interface the toolkit uses (update, set_postfix, close, iteration), as log lines."""
 
-    @property
-    def rate(self) -> float:
-        elapsed = time.monotonic() - self.start
-        return self.done / elapsed if elapsed > 0 else 0.0
+    def __init__(self, iterable: Iterable | None, total: int | None, desc: str, unit: str, initial: int = 0):
+        self.iterable, self.desc, self.unit = iterable, desc, unit
+        self.total = total if total is not None else _len(iterable)
+        self.n, self.start, self.postfix = initial, time.monotonic(), ""
+        self._initial, self._last = initial, self.start
 
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elif self.enabled and time.monotonic() - self.last_line >= self.every_s:
-            self._line()
+    def __iter__(self) -> Iterator[Any]:
+        for item in self.iterable or ():
+            yield item
+            self.update(1)
+        self.close()
 
-    def _line(self) -> None:
-        self.last_line = time.monotonic()
-        left = (self.total - self.done) / self.rate if self.rate else 0.0
-        print(
-            f"{self.desc}: {self.done:,}/{self.total:,} {self.unit}, {self.rate:.1f} {self.unit}/s, "
-            f"{left:.0f}s left",
-            file=self.stream,
-            flush=True,
-        )
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self._last >= LOG_EVERY_S:
+            self._last = now
+            self._write(now)
+
+    def set_postfix(self, values: dict[str, Any] | None = None, **kw: Any) -> None:
+        items = {**(values or {}), **kw}
+        self.postfix = " ".join(f"{k}={v}" for k, v in items.items())
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        elif self.enabled and self.done:
-            self._line()
+        if self.n > self._initial and self._last == self.start:  # short runs still leave one line
+            self._write(time.monotonic())
+            self._last = -1.0
+
+    def _write(self, now: float) -> None:
+        rate = (self.n - self._initial) / max(now - self.start, 1e-9)
+        of = f"/{self.total}" if self.total else ""
+        line = f"{self.desc}: {self.n}{of} {self.unit} ({rate:.1f} {self.unit}/s)"
+        print(f"{line} {self.postfix}".rstrip(), file=sys.stderr, flush=True)
+
+
+def _len(iterable: Iterable | None) -> int | None:
+    try:
+        return len(iterable)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def progress_bar(
+    iterable: Iterable | None = None,
+    desc: str = "",
+    unit: str = "it",
+    enabled: bool = True,
+    total: int | None = None,
+    initial: int = 0,
+):
+    """tqdm on a terminal, LineProgress elsewhere, a silent tqdm when disabled."""
+    from tqdm import tqdm
+
+    if enabled and not sys.stderr.isatty():
+        return LineProgress(iterable, total, desc, unit, initial)
+    return tqdm(
+        iterable,
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit=unit,
+        file=sys.stderr,
+        disable=not enabled,
+        leave=False,
+    )

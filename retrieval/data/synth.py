@@ -13,7 +13,6 @@ import json
 import multiprocessing
 import random
 import re
-import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -22,9 +21,10 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
+from retrieval.data.wording import WORDINGS, varied_wordings
 from retrieval.errors import UserError
+from retrieval.progress import progress_bar
 
 # Hues far apart so that a 64px, JPEG-compressed crop still names its colour without doubt.
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -70,6 +70,9 @@ class SynthConfig:
     two_object_prob: float = 0.7  # most scenes need binding and relations; single shapes keep it learnable
     jpeg_quality: int = 90  # high enough that colours of small shapes survive compression
     workers: int = 2  # render processes; never changes the output, only the speed
+    captions: int = 1  # captions per image, one row each (COCO-style: rows of one image share its path)
+    wording: str = "fixed"  # fixed: the one wording (caption_for); varied: each caption in another wording of
+    # data/wording.py, which the rows name in a "wording" column
 
 
 def caption_for(objects: Sequence[dict[str, str]], relation: str | None) -> str:
@@ -274,6 +277,12 @@ def _check(cfg: SynthConfig) -> None:
         (not 0 <= cfg.noise <= 1, f"--noise {cfg.noise}: must be a fraction in [0, 1]"),
         (cfg.image_size < 32, f"--image-size {cfg.image_size}: use 32 or more for recognisable shapes"),
         (not 0 <= cfg.two_object_prob <= 1, f"two_object_prob {cfg.two_object_prob}: must be in [0, 1]"),
+        (cfg.wording not in ("fixed", "varied"), f"--wording {cfg.wording}: expected fixed or varied"),
+        (cfg.captions < 1, f"--captions {cfg.captions}: need at least 1"),
+        (
+            cfg.captions > 1 and cfg.wording == "fixed",
+            "--captions > 1 needs --wording varied (one wording repeats)",
+        ),
     ]
     for bad, message in problems:
         if bad:
@@ -320,13 +329,18 @@ def generate(out_dir: str | Path, cfg: SynthConfig = SynthConfig(), progress: bo
         split = "train" if i < n_train else "heldout"
         scene = _sample_scene(rng, split == "heldout", cfg.two_object_prob)
         rel = f"images/{split}/{i:0{width}d}.jpg"
-        caption = caption_for(scene["objects"], scene["relation"])
-        row = {"image": rel, "caption": caption, **scene, "noisy": False, "clean_caption": caption}
-        splits[split].append(row)
+        for wording in varied_wordings(cfg.captions, rng) if cfg.wording == "varied" else [None]:
+            caption = caption_for(scene["objects"], scene["relation"])
+            row = {"image": rel, "caption": caption, **scene, "noisy": False}
+            if wording is not None:
+                row["caption"] = WORDINGS[wording].render(scene["objects"], scene["relation"])
+                row["wording"] = wording
+            row["clean_caption"] = row["caption"]
+            splits[split].append(row)
         tasks.append((i, str(out / rel), scene, cfg.image_size, cfg.seed, cfg.jpeg_quality))
     noisy = _add_noise(splits["train"], cfg.noise, rng)
 
-    bar = tqdm(total=cfg.n, desc="synth", unit="img", file=sys.stderr, disable=not progress)
+    bar = progress_bar(desc="synth", unit="img", enabled=progress, total=cfg.n)
     if cfg.workers > 1 and cfg.n >= 256:  # below that, starting processes costs more than it saves
         with multiprocessing.get_context().Pool(cfg.workers) as pool:
             for _ in pool.imap_unordered(_render, tasks, chunksize=32):
@@ -340,7 +354,7 @@ def generate(out_dir: str | Path, cfg: SynthConfig = SynthConfig(), progress: bo
     for split, rows in splits.items():
         with open(out / f"{split}.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
-    counts = {"train": n_train, "heldout": n_heldout, "noisy": noisy}
+    counts = {"train": n_train, "heldout": n_heldout, "noisy": noisy, "captions": cfg.captions}
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "workers"}
     meta = {
         "generator": "retrieval.data.synth",

@@ -19,13 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from retrieval.data.grouping import image_key, normalize_caption
 from retrieval.data.images import ImageDecodeError, load_for_model
 from retrieval.data.pairs import Pair
 from retrieval.data.synth import caption_for, hard_negatives, parse_caption, scene_key
 from retrieval.errors import UserError
 from retrieval.eval.metrics import binding_accuracy, recall_at_k, rerank_score, rerank_top_k
 from retrieval.models.albef import PAD_ID, AlbefModel, encode_image_tokens, encode_text_tokens, itm_match_prob
-from retrieval.train.data import normalize
+from retrieval.models.encoders import normalize
 
 # captions -> (B, L) token ids, e.g. open_clip.get_tokenizer(arch)
 Tokenizer = Callable[[list[str]], Tensor]
@@ -61,15 +62,16 @@ class _Encoded:
 
 
 def caption_key(pair: Pair) -> str:
-    """When two captions are one text query: the same synth scene (whatever the wording), else the same
-    lower-cased text. Read from the caption, not the row's objects: a noisy row's caption describes another
-    scene, and the query is the caption.
+    """When two captions are one text query: the same synth scene (whatever the wording: read from the caption
+    in the fixed wording, or from a clean row's scene fields), else the same lower-cased text. A noisy row's
+    caption describes another scene, and the query is the caption.
     """
     if "objects" in pair.extra:
         try:
             return scene_key(*parse_caption(pair.caption))
-        except ValueError:  # a caption outside the synth wording is compared as plain text
-            pass
+        except ValueError:  # another wording: the row's own scene when its caption is its own
+            if pair.extra.get("clean_caption") == pair.caption and "relation" in pair.extra:
+                return scene_key(pair.extra["objects"], pair.extra["relation"])
     return pair.caption.strip().lower()
 
 
@@ -104,8 +106,9 @@ def evaluate(
 def _evaluate(model, pairs, cfg: EvalConfig, image_size, mean, std, tokenizer, device) -> Report:
     first: dict[str, Pair] = {}  # image key -> its first row, in file order
     for p in pairs:
-        if p.key not in first and (cfg.limit is None or len(first) < cfg.limit):
-            first[p.key] = p
+        key = image_key(p)
+        if key not in first and (cfg.limit is None or len(first) < cfg.limit):
+            first[key] = p
     if not first:
         raise UserError("no image-text pairs to evaluate")
     candidates = list(first.values())
@@ -113,7 +116,7 @@ def _evaluate(model, pairs, cfg: EvalConfig, image_size, mean, std, tokenizer, d
     fused = cfg.rerank_k > 0 or binding  # the ITM head will run, so keep the token states it reads
     gallery, images = _encode_images(model, candidates, image_size, mean, std, device, cfg.batch_size, fused)
 
-    queries, positive = _queries(pairs, {p.key: i for i, p in enumerate(gallery)})
+    queries, positive = _queries(pairs, {image_key(p): i for i, p in enumerate(gallery)})
     positive = positive.to(device)  # (T, I)
     rows, truths, negatives, kinds = _binding_captions(gallery, cfg.seed) if binding else ([], [], [], [])
     # One text table: queries first (index t is query t), then binding captions not already among them.
@@ -155,18 +158,25 @@ def _evaluate(model, pairs, cfg: EvalConfig, image_size, mean, std, tokenizer, d
 
 
 def _queries(pairs: list[Pair], image_of: dict[str, int]) -> tuple[list[str], Tensor]:
-    """Distinct text queries (by caption_key) of the gallery's rows, and the (T, I) bool positives."""
-    query_of: dict[str, int] = {}
+    """The text queries of the gallery's rows, every distinct caption (COCO protocol: all captions of an image
+    are queries), and the (T, I) bool positives: the images with a caption of the same meaning (caption_key),
+    so an image-to-text hit is any of its captions, and a text-to-image hit any image it describes."""
+    query_of: dict[str, int] = {}  # normalised text -> query
     queries: list[str] = []
-    links: list[tuple[int, int]] = []
+    meaning: list[str] = []  # caption_key of each query
+    images_of: dict[str, set[int]] = {}  # caption_key -> images with a caption of it
     for p in pairs:
-        if p.key in image_of:
-            t = query_of.setdefault(caption_key(p), len(query_of))
-            if t == len(queries):  # the first wording of a query stands for all of them
-                queries.append(p.caption)
-            links.append((t, image_of[p.key]))
+        image = image_of.get(image_key(p))
+        if image is None:
+            continue
+        key = caption_key(p)
+        images_of.setdefault(key, set()).add(image)
+        if query_of.setdefault(normalize_caption(p.caption), len(queries)) == len(queries):
+            queries.append(p.caption)
+            meaning.append(key)
     positive = torch.zeros(len(queries), len(image_of), dtype=torch.bool)  # (T, I)
-    positive[tuple(torch.tensor(links).T)] = True
+    for t, key in enumerate(meaning):
+        positive[t, list(images_of[key])] = True
     return queries, positive
 
 

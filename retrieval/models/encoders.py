@@ -120,6 +120,16 @@ def create_clip(arch: str, pretrained: str = "none", seed: int = 0) -> tuple[tor
     return model, f"openclip:{pretrained}"
 
 
+def normalize(pixels: torch.Tensor, mean, std, device: torch.device) -> torch.Tensor:
+    """uint8 (or [0, 1] float) (B, 3, S, S) -> the model's normalised float input on `device`. Pixels travel as
+    uint8 until here: 4x less memory and IPC than floats."""
+    x = pixels.to(device, non_blocking=True)
+    x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()  # (B, 3, S, S)
+    m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
 @dataclass
 class Encoder:
     """A dual encoder ready for inference: images in as uint8 batches, normalised float32 features out."""
@@ -142,12 +152,7 @@ class Encoder:
     def _pixels(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, S, S) -> normalised float (B, 3, S, S) on the device. Workers ship uint8: 4x less IPC."""
         cfg = self.model.visual.preprocess_cfg
-        mean = torch.tensor(cfg["mean"], device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(cfg["std"], device=self.device).view(1, 3, 1, 1)
-        x = images.to(self.device, non_blocking=True)
-        if x.dtype == torch.uint8:
-            x = x.float().div_(255.0)
-        return (x - mean) / std
+        return normalize(images, cfg["mean"], cfg["std"], self.device)
 
     @torch.inference_mode()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:

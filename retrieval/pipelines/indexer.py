@@ -28,7 +28,7 @@ from retrieval.data.scan import FileEntry, ScanProblem, scan_images
 from retrieval.models.source import same_source
 from retrieval.pipelines.decode import Batch, decoded_batches
 from retrieval.pipelines.folder_state import IndexSummary, add_to_digest, new_digest
-from retrieval.progress import Progress
+from retrieval.progress import progress_bar
 
 if TYPE_CHECKING:  # torch and open_clip load only when an image needs embedding
     from retrieval.models.encoders import Encoder
@@ -205,7 +205,7 @@ class FolderIndexer:
         if not todo:
             return 0, 0.0
         writer = _Writer(self.store, self.run.commit_every, self.run.commit_seconds)
-        meter = Progress(len(todo), "embedding", enabled=self.progress)
+        meter = progress_bar(desc="embedding", unit="img", enabled=self.progress, total=len(todo))
         run = self.run
         batches = decoded_batches(todo, self.models.image_size, run.batch_size, run.workers, run.max_pixels)
         embedded, embed_seconds = 0, 0.0

@@ -18,7 +18,7 @@ from retrieval.data.images import ImageDecodeError, load_for_model
 from retrieval.errors import UserError
 from retrieval.eval.metrics import rerank_score, rerank_top_k
 from retrieval.models.albef import PAD_ID, AlbefModel, encode_image_tokens, encode_text_tokens, itm_match_prob
-from retrieval.train.data import normalize
+from retrieval.models.encoders import normalize
 
 
 def rerank_hits(
@@ -60,8 +60,9 @@ def rerank_hits(
             .float()
             .cpu()
         )  # (K,)
+        scale = float(model.logit_scale.exp())  # read without autograd: no graph, no requires_grad warning
     cosine = torch.tensor([float(h["score"]) for h in readable])  # (K,) the index's similarities
-    fused = rerank_score(cosine, probs, float(model.logit_scale.exp()))  # (K,)
+    fused = rerank_score(cosine, probs, scale)  # (K,)
     order = rerank_top_k(cosine[None], n, lambda _, image: fused[image]).argsort(dim=1, descending=True)[0]
     ranked = [
         {**readable[int(i)], "itm": float(probs[int(i)]), "rerank": float(fused[int(i)])} for i in order

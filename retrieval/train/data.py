@@ -1,42 +1,46 @@
-"""Training data: pairs -> (uint8 pixels, token ids, caption ids), and a deterministic, resumable batch order.
+"""Training data held in memory: pairs grouped by image -> batches of (uint8 pixels, token ids, positive ids), in a
+deterministic, resumable order.
 
-Small datasets are decoded once and kept in memory as uint8 (a 64 px image is 12 KB); bigger ones stream from disk
-through DataLoader workers. Either way the order of batches is a pure function of (seed, micro-step, rank), so a
-resumed run sees exactly the batches the uninterrupted run would have seen.
+Images are the unit: one decoded copy per image (a 64 px image is 12 KB as uint8), a batch holds distinct images,
+each with one of its captions. The order of batches is a pure function of (seed, micro-step, rank), so a resumed run
+sees exactly the batches the uninterrupted run would have seen. Datasets bigger than memory stream instead
+(train/stream.py).
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-from tqdm import tqdm
 
+from retrieval.data.grouping import ImageGroups, group_pairs
 from retrieval.data.images import ImageDecodeError, load_for_model
 from retrieval.data.pairs import Pair, PairStats, iter_pairs
 from retrieval.errors import UserError
+from retrieval.progress import progress_bar
 from retrieval.train.negatives import Vocabulary, negative_captions
-from retrieval.train.neighbours import caption_ids
-from retrieval.train.twins import caption_id, choose_sources, mirror, mirror_pixels
 
 
 @dataclass
 class TrainBatch:
     pixels: torch.Tensor  # (B, 3, S, S) uint8
     tokens: torch.Tensor  # (B, L) long
-    caption_ids: (
-        torch.Tensor
-    )  # (B,) long: equal captions share an id, so they count as positives of each other
+    ids: torch.Tensor  # (B,) long: rows of one image, or of images sharing a caption, are positives
     negative_tokens: torch.Tensor | None = (
         None  # (B, L) long: a generated false caption per row (negatives.py)
     )
     negative_valid: torch.Tensor | None = (
         None  # (B,) bool: False where no rule applied (the row repeats its caption)
     )
+
+
+def load_groups(source: str | os.PathLike, stats: PairStats | None = None) -> ImageGroups:
+    groups = group_pairs(iter_pairs(source, stats))
+    if not len(groups):
+        raise UserError(f"{source}: no usable image-text pairs")
+    return groups
 
 
 def load_pairs(source: str | os.PathLike, stats: PairStats | None = None) -> list[Pair]:
@@ -47,22 +51,21 @@ def load_pairs(source: str | os.PathLike, stats: PairStats | None = None) -> lis
 
 
 class PairImages:
-    """Decoded images of a list of pairs, cached as one uint8 tensor, or decoded per access."""
+    """Decoded images, one per image (not per caption): cached as one uint8 tensor, or decoded per access."""
 
     def __init__(
-        self, pairs: list[Pair], image_size: int, cache: bool, max_cache_gb: float, progress: bool = True
+        self, images: list[Pair], image_size: int, cache: bool, max_cache_gb: float, progress: bool = True
     ):
-        self.pairs, self.size = pairs, image_size
+        self.pairs, self.size = images, image_size
         self.failed: dict[str, str] = {}
         self.cache: torch.Tensor | None = None
-        need_gb = len(pairs) * 3 * image_size * image_size / 1e9
+        need_gb = len(images) * 3 * image_size * image_size / 1e9
         if cache and need_gb <= max_cache_gb:
             self.cache = torch.empty(
-                (len(pairs), 3, image_size, image_size), dtype=torch.uint8
+                (len(images), 3, image_size, image_size), dtype=torch.uint8
             )  # (N, 3, S, S)
-            ok = torch.ones(len(pairs), dtype=torch.bool)
-            bar = tqdm(pairs, desc="decoding", unit="img", file=sys.stderr, disable=not progress, leave=False)
-            for i, pair in enumerate(bar):
+            ok = torch.ones(len(images), dtype=torch.bool)
+            for i, pair in enumerate(progress_bar(images, "decoding", "img", progress)):
                 pixels = self._decode(pair)
                 if pixels is None:
                     ok[i] = False
@@ -70,7 +73,7 @@ class PairImages:
                     self.cache[i] = pixels
             self.valid = ok
         else:
-            self.valid = torch.ones(len(pairs), dtype=torch.bool)
+            self.valid = torch.ones(len(images), dtype=torch.bool)
 
     def _decode(self, pair: Pair) -> torch.Tensor | None:
         try:
@@ -87,44 +90,20 @@ class PairImages:
 
 
 class BatchPlan:
-    """Micro-batch m on rank r -> dataset indices. Each epoch is a fresh permutation seeded by (seed, epoch);
-    the last incomplete global batch of an epoch is dropped so every rank has the same number of batches.
+    """Micro-batch m on rank r -> image indices. Each epoch is a fresh permutation of the images seeded by
+    (seed, epoch); the last incomplete global batch of an epoch is dropped so every rank has the same number of
+    batches. A batch never holds one image twice, so its rows are distinct images."""
 
-    With `neighbours` (N, k) and mix > 0, only batch - round(mix * batch) indices come from the permutation;
-    the first round(mix * batch) of them each bring one of their caption neighbours, drawn with a generator
-    seeded by (seed, m, rank). An epoch then walks the permutation once, in more (harder) batches.
-    """
-
-    def __init__(
-        self,
-        valid: torch.Tensor,
-        batch_size: int,
-        seed: int,
-        rank: int = 0,
-        world: int = 1,
-        neighbours: torch.Tensor | None = None,
-        mix: float = 0.0,
-    ):
+    def __init__(self, valid: torch.Tensor, batch_size: int, seed: int, rank: int = 0, world: int = 1):
         self.indices = valid.nonzero().flatten()  # (N_valid,)
         self.batch, self.seed, self.rank, self.world = batch_size, seed, rank, world
-        self.n_near = round(mix * batch_size) if neighbours is not None else 0
-        self.n_seed = batch_size - self.n_near
-        self.valid = valid
-        if neighbours is not None:
-            self.set_neighbours(neighbours)
-        self.per_epoch = len(self.indices) // (self.n_seed * world)
+        self.per_epoch = len(self.indices) // (batch_size * world)
         if self.per_epoch == 0:
             raise UserError(
-                f"only {len(self.indices)} usable pairs: fewer than one batch of {batch_size} x {world} process(es);"
-                " lower batch_size (--set batch_size=N)"
+                f"only {len(self.indices)} usable images: fewer than one batch of {batch_size} x {world} "
+                "process(es); lower batch_size (--set batch_size=N)"
             )
         self._epoch, self._perm = -1, None
-
-    def set_neighbours(self, neighbours: torch.Tensor) -> None:
-        """(N, k) candidate indices, -1 for none (re-mined during training); undecodable ones are dropped."""
-        near = neighbours.masked_fill((neighbours < 0) | ~self.valid[neighbours.clamp(min=0)], -1)  # (N, k)
-        order = (near < 0).to(torch.int8).argsort(dim=1, stable=True)  # usable ones first, in rank order
-        self.neighbours = near.gather(1, order)  # (N, k)
 
     def step_seed(self, micro_step: int, salt: int = 0) -> int:
         """A seed for the random draws of one micro-batch on this rank: a resumed run redraws the same."""
@@ -135,94 +114,85 @@ class BatchPlan:
         if epoch != self._epoch:
             g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
             self._epoch, self._perm = epoch, self.indices[torch.randperm(len(self.indices), generator=g)]
-        start = (j * self.world + self.rank) * self.n_seed
-        seeds = self._perm[start : start + self.n_seed]  # (S,)
-        if not self.n_near:
-            return seeds
-        g = torch.Generator().manual_seed(self.step_seed(micro_step))
-        options = self.neighbours[seeds[: self.n_near]]  # (M, k), -1: none
-        count = (options >= 0).sum(dim=1)  # (M,) neighbours are packed first, -1s after
-        pick = (torch.rand(self.n_near, generator=g) * count.clamp(min=1)).long()  # (M,)
-        near = options.gather(1, pick[:, None]).squeeze(1)  # (M,)
-        fallback = self.indices[torch.randint(len(self.indices), (self.n_near,), generator=g)]
-        near = torch.where(count > 0, near, fallback)  # a caption with no neighbour brings a random pair
-        return torch.cat([seeds, near])  # (B,)
+        start = (j * self.world + self.rank) * self.batch
+        return self._perm[start : start + self.batch]  # (B,)
 
 
 class TrainData:
-    """Batches of a plan. With text_negatives, each row also gets a generated false caption, drawn with a
-    generator seeded by (seed, micro-step, rank): a resumed run draws the same negatives. With twins > 0, that
-    many mirror twins of the plan's rows (train/twins.py), chosen with the same kind of seed, end each batch."""
+    """Batches of a plan: each image of the batch with one of its captions, drawn with a generator seeded by
+    (seed, micro-step, rank), so over the epochs every caption is seen and a resumed run draws the same. With
+    text_negatives, each row also gets a generated false caption, drawn the same way."""
 
     def __init__(
         self,
-        pairs: list[Pair],
+        groups: ImageGroups,
         images: PairImages,
         tokenizer,
         plan: BatchPlan,
         text_negatives: bool = False,
-        twins: int = 0,
-        twins_vertical: bool = True,
     ):
-        self.images, self.plan, self.tokenizer = images, plan, tokenizer
-        self.captions = [p.caption for p in pairs]
-        self.tokens = tokenizer(self.captions)  # (N, L)
-        self.ids = caption_ids(self.captions)  # (N,)
+        self.groups, self.images, self.plan, self.tokenizer = groups, images, plan, tokenizer
+        self.captions = groups.captions
+        self.tokens = tokenizer(self.captions).to(torch.int32)  # (C, L): half the memory of int64
+        self.ids = groups.ids  # (I,)
         self.vocabulary = Vocabulary(self.captions) if text_negatives else None
-        self.twins, self.twins_vertical = twins, twins_vertical
-        self.known: dict[str, int] = {}  # normalised caption -> id, for the ids of twin captions
-        if twins:
-            for caption, i in zip(self.captions, self.ids.tolist(), strict=True):
-                self.known.setdefault(" ".join(caption.lower().split()), i)
 
-    def _add_twins(
-        self, pixels: torch.Tensor, captions: list[str], micro_step: int
-    ) -> tuple[torch.Tensor, list[str]]:
-        seed = self.plan.step_seed(micro_step, salt=13)
-        sources = choose_sources(captions, self.twins, seed, self.twins_vertical)
-        twins = [mirror(captions[i], self.twins_vertical) for i in sources]
-        flipped = [mirror_pixels(pixels[i], h, v) for i, (_, h, v) in zip(sources, twins, strict=True)]
-        return torch.cat([pixels, torch.stack(flipped)]), captions + [c for c, _, _ in twins]  # (B + T, ...)
+    def pick_captions(self, images: torch.Tensor, seed: int) -> torch.Tensor:
+        """(B,) one caption index for each image index, uniformly among that image's captions."""
+        g = torch.Generator().manual_seed(seed)
+        start, count = self.groups.offsets[images], self.groups.counts()[images]  # (B,), (B,)
+        pick = (torch.rand(len(images), generator=g) * count).long().clamp(max=count - 1)  # (B,)
+        return self.groups.order[start + pick]  # (B,)
 
     def batch(self, micro_step: int) -> TrainBatch:
-        idx = self.plan(micro_step)
+        idx = self.plan(micro_step)  # (B,) images
         if self.images.cache is not None:
             pixels = self.images.cache[idx]  # (B, 3, S, S)
         else:
-            decoded = [(i, self.images[int(i)]) for i in idx]
-            keep = [i for i, p in decoded if p is not None]
-            if not keep:
-                raise UserError("a whole batch of images failed to decode; check the data")
-            pixels = torch.stack([p for _, p in decoded if p is not None])
-            idx = torch.tensor(keep)
-        captions = [self.captions[i] for i in idx]
-        if self.twins:
-            pixels, captions = self._add_twins(pixels, captions, micro_step)
-            n = len(idx)
-            tokens = torch.cat([self.tokens[idx], self.tokenizer(captions[n:])])  # (B + T, L)
-            ids = torch.cat([self.ids[idx], torch.tensor([caption_id(c, self.known) for c in captions[n:]])])
-            batch = TrainBatch(pixels, tokens, ids)
-        else:
-            batch = TrainBatch(pixels, self.tokens[idx], self.ids[idx])
+            pixels, idx = self._decode(idx, micro_step)
+        chosen = self.pick_captions(idx, self.plan.step_seed(micro_step, salt=29))  # (B,) captions
+        batch = TrainBatch(pixels, self.tokens[chosen].long(), self.ids[idx])
         if self.vocabulary is not None:
-            seed = self.plan.step_seed(micro_step, salt=7)  # not the neighbours' draw
-            negatives, valid = negative_captions(captions, seed, self.vocabulary)
+            seed = self.plan.step_seed(micro_step, salt=7)
+            negatives, valid = negative_captions([self.captions[c] for c in chosen], seed, self.vocabulary)
             batch.negative_tokens = self.tokenizer(negatives)  # (B, L)
             batch.negative_valid = torch.tensor(valid)  # (B,)
         return batch
 
-    def batches(self, start: int, stop: int) -> Iterator[TrainBatch]:
-        for m in range(start, stop):
+    def _decode(self, idx: torch.Tensor, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode a batch from disk; an image that fails is replaced by another, drawn with a seeded generator,
+        so every batch (on every rank) keeps its shape and no rank waits on a short one."""
+        g = torch.Generator().manual_seed(self.plan.step_seed(micro_step, salt=31))
+        pool = self.plan.indices
+        pixels, kept = [], []
+        for i in idx.tolist():
+            for _ in range(100):
+                image = self.images[i]
+                if image is not None:
+                    break
+                i = int(pool[torch.randint(len(pool), (1,), generator=g)])
+            else:
+                raise UserError("100 images in a row failed to decode; check the data")
+            pixels.append(image)
+            kept.append(i)
+        return torch.stack(pixels), torch.tensor(kept)  # (B, 3, S, S), (B,)
+
+    def batches(self, start: int) -> Iterator[TrainBatch]:
+        """Micro-batches from micro-step `start` on, without end."""
+        m = start
+        while True:
             yield self.batch(m)
+            m += 1
 
+    def state(self) -> dict:
+        return {}  # the order is a function of the step: nothing to save
 
-def normalize(
-    pixels: torch.Tensor, mean: list[float], std: list[float], device: torch.device
-) -> torch.Tensor:
-    x = pixels.to(device, non_blocking=True).float().div_(255.0)  # (B, 3, S, S)
-    m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=device).view(1, 3, 1, 1)
-    return (x - m) / s
+    def restore(self, state: dict) -> None:
+        pass
+
+    def refine_set(self) -> TrainData:
+        """What the ITM refinement stage caches from: all of it (the stage samples max_pairs images)."""
+        return self
 
 
 def describe_skips(stats: PairStats, images: PairImages) -> str:
@@ -232,6 +202,3 @@ def describe_skips(stats: PairStats, images: PairImages) -> str:
     if not skipped:
         return "no pairs skipped"
     return "skipped " + ", ".join(f"{n} {reason}" for reason, n in skipped.items())
-
-
-__all__ = ["TrainData", "BatchPlan", "PairImages", "load_pairs", "normalize", "np"]

@@ -18,6 +18,7 @@ colour-shape combination). Edits that cannot apply leave the row without a negat
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 from collections.abc import Iterable, Sequence
@@ -45,24 +46,46 @@ OPPOSITE_SIZE = {
     "tiny": "huge",
     "huge": "tiny",
 }
-# Spatial phrases whose replacement by another of the family makes a caption false, longest first for matching.
-RELATIONS = ("to the left of", "to the right of", "on the left of", "on the right of", "above", "below")
+# Spatial phrases and their opposites (the one edit only the direction tells apart); replacing a phrase by its
+# opposite or by a phrase of the other axis makes a caption false. Matched longest first.
+_OPPOSITE = {
+    "to the left of": "to the right of",
+    "on the left of": "on the right of",
+    "left of": "right of",
+    "to its left": "to its right",
+    "above": "below",
+    "over": "under",
+    "on top of": "beneath",
+    "underneath": "on top of",
+}
+_OPPOSITE.update({v: k for k, v in list(_OPPOSITE.items()) if v not in _OPPOSITE})
+RELATIONS = tuple(sorted(_OPPOSITE, key=len, reverse=True))
+_HORIZONTAL = {
+    "to the left of",
+    "to the right of",
+    "on the left of",
+    "on the right of",
+    "left of",
+    "right of",
+    "to its left",
+    "to its right",
+}
 _RELATION_FAMILY = {
-    "to the left of": ("to the right of", "above", "below"),
-    "to the right of": ("to the left of", "above", "below"),
-    "on the left of": ("on the right of", "above", "below"),
-    "on the right of": ("on the left of", "above", "below"),
-    "above": ("below", "to the left of", "to the right of"),
-    "below": ("above", "to the left of", "to the right of"),
+    r: (_OPPOSITE[r], *(("above", "below") if r in _HORIZONTAL else ("to the left of", "to the right of")))
+    for r in RELATIONS
 }
 _RELATION_RE = re.compile(r"\b(" + "|".join(sorted(RELATIONS, key=len, reverse=True)) + r")\b")
 _WORD_RE = re.compile(r"[a-z]+")
 
 
 def _bigrams(text: str) -> set[int]:
-    """Hashes of the word bigrams (ints: a million captions' bigrams then fit in a few hundred MB)."""
+    """64-bit hashes of the word bigrams (a million captions' bigrams then fit in a few hundred MB); stable across
+    processes, unlike hash(), so a vocabulary built in one process answers in DataLoader workers too."""
     words = _WORD_RE.findall(text.lower())
-    return {hash(pair) for pair in zip(words, words[1:], strict=False)}
+    return {
+        int.from_bytes(hashlib.blake2b(f"{a} {b}".encode(), digest_size=8).digest(), "little")
+        for a, b in zip(words, words[1:], strict=False)
+    }
 
 
 class Vocabulary:

@@ -4,6 +4,7 @@ schedule, and whether AdamW can run fused."""
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import torch
@@ -17,25 +18,54 @@ def fused_adamw(device: torch.device) -> bool:
     return device.type in ("cpu", "cuda")
 
 
+_BLOCK = re.compile(r"(?:resblocks|blocks|layers?|layer)\.(\d+)\.")
+_EMBEDDING = ("embed", "conv1", "stem", "class_embedding", "patch")
+
+
+def layer_depth(name: str, depths: dict[str, int]) -> tuple[str, int, int]:
+    """(tower, layer id, layers + 1) of a parameter for layer-wise decay: embeddings 0, block k at k + 1,
+    everything after the blocks (final norms, projections, the temperature) at layers + 1."""
+    tower = "visual" if name.startswith(("model.clip.visual.", "clip.visual.", "visual.")) else "text"
+    top = depths.get(tower, 0) + 1
+    m = _BLOCK.search(name)
+    if m:
+        return tower, int(m.group(1)) + 1, top
+    if any(key in name for key in _EMBEDDING):
+        return tower, 0, top
+    return tower, top, top
+
+
 def param_groups(
-    module: torch.nn.Module, weight_decay: float, lr: float, fusion_lr: float | None = None
+    module: torch.nn.Module,
+    weight_decay: float,
+    lr: float,
+    fusion_lr: float | None = None,
+    layer_decay: float = 1.0,
 ) -> list[dict[str, Any]]:
     """No decay on gains, biases, embeddings and the temperature (CLIP/open_clip practice); the fusion encoder
-    (parameters under a `fusion.` prefix) at its own learning rate when fusion_lr is given."""
-    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
+    (parameters under a `fusion.` prefix) at its own learning rate when fusion_lr is given; with layer_decay < 1,
+    each tower's block k of n at lr * layer_decay^(n + 1 - k) (embeddings lowest). Frozen parameters are left out."""
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    depths: dict[str, int] = {}
+    for name, _ in named:
+        m = _BLOCK.search(name)
+        if m and ".fusion." not in f".{name}":
+            tower = layer_depth(name, {})[0]
+            depths[tower] = max(depths.get(tower, 0), int(m.group(1)) + 1)
+    groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
+    for name, p in named:
         skip = p.ndim < 2 or "embedding" in name or "logit_scale" in name or name.endswith("class_embedding")
-        fusion = fusion_lr is not None and (name.startswith("fusion.") or ".fusion." in name)
-        groups.setdefault((fusion, skip), []).append(p)
+        if fusion_lr is not None and (name.startswith("fusion.") or ".fusion." in name):
+            rate = fusion_lr
+        elif layer_decay < 1.0:
+            _, layer, top = layer_depth(name, depths)
+            rate = lr * layer_decay ** (top - layer)
+        else:
+            rate = lr
+        groups.setdefault((rate, skip), []).append(p)
     return [
-        {
-            "params": params,
-            "weight_decay": 0.0 if skip else weight_decay,
-            "lr": fusion_lr if fusion else lr,
-        }
-        for (fusion, skip), params in sorted(groups.items())
+        {"params": params, "weight_decay": 0.0 if skip else weight_decay, "lr": rate}
+        for (rate, skip), params in sorted(groups.items(), key=lambda kv: kv[0])
     ]
 
 

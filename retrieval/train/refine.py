@@ -1,275 +1,59 @@
-"""ITM refinement: a short fusion-only stage after the joint run, the towers frozen and their outputs cached.
-
-Why a stage of its own: in the joint run the fusion encoder learns what the towers already tell apart (other
-objects, other colours) and stays at chance on what needs a skill of its own, the direction of a relation ("a red
-circle to the left of a blue square" vs "... to the right of ..."): on synth scenes a default run's ITM preferred
-the true caption over its opposite-relation twin 0.51 of the time, and 107 of the 238 top-1 misses of text-to-image
-retrieval were that twin. Learning it is a slow escape from a saddle (a product of "which object is where" and
-"which word was said") that needs a few hundred steps of a concentrated signal and stalls when that signal is one
-ITM negative among many; with frozen towers a step is only a fusion pass over cached token states, so the stage
-affords those steps. Each step takes B cached images with their captions and scores, by ITM:
+"""ITM refinement: a short fusion-only stage after the joint run, the towers frozen and their outputs cached
+(train/refine_cache.py). Each step takes B cached images, each with one of its captions, and scores by ITM:
 
 - the positives and the negatives `itm_forward` mines in the batch from the frozen contrastive similarities
   (cross-entropy, as in the joint run, so the head stays calibrated for re-ranking);
-- each caption's relation replaced by its opposite (`negatives.relation_opposite`), ranked below the true caption
-  (`matching.pairwise_rank_loss`) with a large weight;
-- one other rule-made false caption (attributes or head nouns swapped; `negatives.binding_candidates`), ranked
-  the same way with a small weight, so that attribute binding is kept while the direction is learned;
-- the caption's image ranked above its mirror twin (train/twins.py: flipped, so the relation points the other way)
-  for that caption, with a large weight: the image-side contrast that ordering images for one caption needs;
-- the square's other corner: the mirror twin with the opposite-relation caption is a true pair (both directions
-  reversed), ranked above the mirror with the caption and above the image with the twin (refine.square_weight).
-  One more fusion row per image doubles the direction's signal: on the same frozen towers (synth seed 1) the
-  training direction accuracy was 0.97 after 300 steps with it and 0.58 without (0.94 at 900), and after 1,000
-  steps re-ranking lifted t2i R@1 from 0.577 to 0.789 (0.628 without), binding 0.911 (0.868).
+- one rule-made false caption (attributes or head nouns swapped; `negatives.binding_candidates`), ranked below the
+  true caption (`matching.pairwise_rank_loss`);
+- with the relation terms (refine.relation_terms; on when the captions name spatial relations between two
+  phrases): the caption's relation reversed (`negatives.relation_opposite`) ranked below the true caption; the
+  caption's image ranked above its mirror twin (train/twins.py) for that caption; and the square's other corner,
+  the mirror with the reversed caption as a true pair.
 
-Without the mirror term the stage learned to order captions for an image but not images for a caption: after 600
-joint steps + 450 here, binding 0.817 -> 0.913 while ITM re-ranking of the top 16 fell from 0.543 to 0.420 t2i
-R@1 (the ranked captions leave ITM's per-image offsets free), and ranking the caption's image over another image
-captioned with the twin (a different scene, not a mirror) kept the direction at chance for 650 steps. With the
-mirror the two differ in nothing but the direction. Measured (synth scenes, 720 joint steps, 1,000-image held-out
-gallery): the training accuracy on mirrors leads (0.80 after 430 steps, relations 0.64), both leave the saddle
-between 450 and 700 steps and pass 0.97 by 950; after 1500 steps held-out ITM prefers the truth over the reversed
-relation 0.977 of the time (0.512 before), colour swaps 0.985 (0.902), shape swaps 0.717 (0.830), and ITM
-re-ranking lifts t2i R@1 from 0.578 (contrastive) to 0.655 (0.536 before the stage); binding 0.817 -> 0.911.
-At 450 steps the same stage had not left the saddle (held-out reversed 0.64, re-ranked 0.418). Only the fusion
-encoder changes; ITC retrieval (the towers) is untouched.
-
-The stage starts from a freshly initialised fusion encoder (refine.reset_fusion). The joint run's fusion has
-settled on what the towers tell apart, and from it the saddle was left late or not at all: on synth seed 1 the
-training direction accuracy was still 0.65 after 1,500 steps (held-out binding 0.80, re-ranking below the
-contrastive order), while a fresh one, on the same towers, left it after ~800 (binding 0.904, re-ranked t2i R@1
-0.587 against 0.537). A fresh fusion re-learns attribute matching from the frozen towers within ~200 steps.
-
-The towers the stage starts from come from a joint run without ITM by default (objectives.joint_itm): since
-the fusion is started afresh here, the joint run's fusion pass only shaped the towers, at ~30% of a joint step.
-
-Noisy captions. Every term above takes a pair's caption at its word, and a caption written for another image
-is trained as a match and teaches the direction at random. With momentum distillation the stage has a teacher: it draws
-its pairs in proportion to the momentum model's belief that they match (`losses.distill.match_belief`, ALBEF's
-soft ITC targets against batch_size - 1 random others; refine.teacher_sampling): on synth scenes with 30% of the
-captions swapped it separated swapped from true pairs with AUC 0.992 (swapped ones were 3% of the draws), and the
-same distilled towers refined to binding 0.867 and re-ranked t2i R@1 0.432, against 0.803 and 0.295 drawing
-uniformly. Without distillation pairs are drawn uniformly.
+Why a stage of its own, what each term buys and what was measured: docs/training.md. Only the fusion encoder
+changes; ITC retrieval (the towers) is untouched.
 """
 
 from __future__ import annotations
 
+import random
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from tqdm import tqdm
 
-from retrieval.losses.distill import match_belief
 from retrieval.losses.mining import same_id_mask
-from retrieval.models.albef import PAD_ID, AlbefModel, encode_image_tokens, encode_text_tokens, trimmed_length
-from retrieval.models.fusion import itm_forward
-from retrieval.train.config import TrainConfig
-from retrieval.train.data import TrainData, normalize
-from retrieval.train.negatives import binding_candidates, relation_opposite
+from retrieval.models.albef import AlbefModel
+from retrieval.progress import progress_bar
+from retrieval.train.config import RefineConfig, TrainConfig
+from retrieval.train.data import TrainData
+from retrieval.train.itm import itm_forward
+from retrieval.train.negatives import relation_opposite
 from retrieval.train.optim import fused_adamw
-from retrieval.train.twins import directional, mirror, mirror_pixels
+from retrieval.train.refine_cache import RefineCache
+from retrieval.train.twins import VERTICAL
 
-_CHUNK = 256  # images or texts per tower pass while filling the cache
-
-
-class RefineCache:
-    """The frozen towers' outputs for a random subset of the training pairs: each image's pooled feature and
-    token states; each distinct caption's feature and token states, and the token states of its opposite-relation
-    twin and of its other rule-made false versions (those the training vocabulary allows)."""
-
-    def __init__(
-        self,
-        model: AlbefModel,
-        data: TrainData,
-        cfg: TrainConfig,
-        device: torch.device,
-        preprocess: dict[str, Any],
-        progress: bool = False,
-        teacher: AlbefModel | None = None,
-    ) -> None:
-        rc = cfg.refine
-        # built by TrainData with objectives.text_negatives; without them (random negatives) no rule-made caption
-        vocabulary = data.vocabulary
-        valid = data.images.valid.nonzero().flatten()  # (N_valid,)
-        g = torch.Generator().manual_seed(cfg.seed + 101)
-        order = valid[torch.randperm(len(valid), generator=g)]  # (N_valid,)
-        image_bytes, text_bytes = _state_bytes(model, data, device)
-        slot_of: dict[str, int] = {}
-        captions: list[str] = []
-        twins: list[str | None] = []
-        others: list[list[str]] = []
-        rows: list[int] = []
-        used = 0.0
-        for i in order.tolist():  # pairs in random order until max_pairs or the memory budget
-            if len(rows) >= rc.max_pairs:
-                break
-            caption = data.captions[i]
-            cost = image_bytes
-            if caption not in slot_of and vocabulary is None:
-                twin, found = None, []
-            elif caption not in slot_of:
-                twin = relation_opposite(caption)
-                twin = twin if twin is not None and vocabulary.allows(twin) else None
-                found = [c for c in binding_candidates(caption) if vocabulary.allows(c)]
-                cost += (2 + len(found)) * text_bytes
-            if rows and used + cost > rc.max_cache_gb * 1e9:
-                break
-            if caption not in slot_of:
-                slot_of[caption] = len(captions)
-                captions.append(caption)
-                twins.append(twin)
-                others.append(found)
-            used += cost
-            rows.append(i)
-        u = len(captions)
-        texts = captions + [t for t in twins if t is not None] + [c for found in others for c in found]
-        has_twin = torch.tensor([t is not None for t in twins])
-        self.twin = torch.full((u,), -1, dtype=torch.long)  # (U,) text row of each caption's twin, -1: none
-        self.twin[has_twin] = u + torch.arange(int(has_twin.sum()))
-        self.count = torch.tensor([len(f) for f in others], dtype=torch.long)  # (U,) other false versions
-        # (U,) whether the twin is also the caption of the image's mirror twin: (twin, mirror) is a true pair
-        self.square = torch.tensor(
-            [
-                t is not None and _words(mirror(c, cfg.twins_vertical)[0]) == t
-                for c, t in zip(captions, twins, strict=True)
-            ],
-            dtype=torch.bool,
-        )
-        self.start = (
-            u + int(has_twin.sum()) + torch.cumsum(self.count, 0) - self.count
-        )  # (U,) first one's row
-        slots = torch.tensor([slot_of[data.captions[i]] for i in rows], dtype=torch.long)
-        with torch.no_grad():
-            self._images(
-                model,
-                data,
-                torch.tensor(rows, dtype=torch.long),
-                slots,
-                preprocess,
-                device,
-                progress,
-                teacher,
-            )
-            if rc.mirror_weight > 0:
-                self._mirrors(model, data, cfg.twins_vertical, preprocess, device)
-            self._texts(model, data.tokenizer, texts, u, device, progress, teacher)
-        # (n,) how likely each cached pair is drawn: the teacher's belief that it matches, or None (uniform)
-        self.weight: Tensor | None = None
-        if teacher is not None:
-            self.weight = match_belief(
-                self._teacher_image,
-                self._teacher_text,
-                self.caption_slot.to(self._teacher_image.device),
-                float(teacher.logit_scale.exp()),
-                rc.batch_size - 1,
-                torch.Generator().manual_seed(cfg.seed + 103),
-            ).cpu()
-            del self._teacher_image, self._teacher_text
-
-    def _images(
-        self, model, data, rows: Tensor, slots: Tensor, preprocess, device, progress, teacher
-    ) -> None:
-        feats, states, kept, taught = [], [], [], []
-        bar = tqdm(total=len(rows), desc="refine: images", unit="img", file=sys.stderr, disable=not progress)
-        for start in range(0, len(rows), _CHUNK):
-            chunk = rows[start : start + _CHUNK]
-            pixels = [data.images[int(i)] for i in chunk]
-            ok = [k for k, p in enumerate(pixels) if p is not None]  # streamed images may fail to decode
-            if ok:
-                x = normalize(
-                    torch.stack([pixels[k] for k in ok]), preprocess["mean"], preprocess["std"], device
-                )
-                feat, tokens = encode_image_tokens(model.clip, x)  # (b, D), (b, T, Wv)
-                feats.append(F.normalize(feat.float(), dim=-1))
-                states.append(tokens)
-                if teacher is not None:
-                    taught.append(
-                        F.normalize(encode_image_tokens(teacher.clip, x)[0].float(), dim=-1)
-                    )  # (b, D)
-                kept.append(start + torch.tensor(ok, dtype=torch.long))
-            bar.update(len(chunk))
-        bar.close()
-        if not kept:
-            raise ValueError("refine: no training image could be decoded")
-        keep = torch.cat(kept)  # (n,) positions in rows
-        self.index = rows[keep]  # (n,) dataset rows
-        self.caption_slot = slots[keep]  # (n,) rows of the caption table
-        self.image_feat = torch.cat(feats)  # (n, D)
-        self.image_tokens = torch.cat(states)  # (n, T, Wv)
-        if teacher is not None:
-            self._teacher_image = torch.cat(taught)  # (n, D)
-
-    def _mirrors(self, model, data, vertical: bool, preprocess, device) -> None:
-        """Token states of the mirror twin (train/twins.py) of every cached image whose caption names a
-        direction: the same scene with the relation reversed, an image-side false match for that caption."""
-        # (n,) each cached image's row in mirror_tokens, -1: none
-        self.mirror = torch.full((len(self.index),), -1, dtype=torch.long)
-        states: list[Tensor] = []
-        todo = [k for k, i in enumerate(self.index.tolist()) if directional(data.captions[i], vertical)]
-        done = 0
-        for start in range(0, len(todo), _CHUNK):
-            chunk, pixels = [], []
-            for k in todo[start : start + _CHUNK]:
-                i = int(self.index[k])
-                image = data.images[i]  # a streamed image is decoded again, and may fail this time
-                if image is not None:
-                    _, h, v = mirror(data.captions[i], vertical)
-                    pixels.append(mirror_pixels(image, h, v))
-                    chunk.append(k)
-            if not chunk:
-                continue
-            x = normalize(torch.stack(pixels), preprocess["mean"], preprocess["std"], device)
-            states.append(encode_image_tokens(model.clip, x)[1])  # (b, T, Wv)
-            self.mirror[torch.tensor(chunk)] = done + torch.arange(len(chunk))
-            done += len(chunk)
-        self.mirror_tokens = torch.cat(states) if states else self.image_tokens[:0]  # (m, T, Wv)
-
-    def _texts(self, model, tokenizer, texts: list[str], n_captions: int, device, progress, teacher) -> None:
-        tokens = tokenizer(texts)  # (M, L)
-        tokens = tokens[:, : trimmed_length(model.clip, tokens)]  # (M, L'): one length for all rows
-        feats, states = [], []
-        bar = tqdm(total=len(texts), desc="refine: texts", unit="text", file=sys.stderr, disable=not progress)
-        for start in range(0, len(texts), _CHUNK):
-            feat, state = encode_text_tokens(model.clip, tokens[start : start + _CHUNK].to(device))
-            feats.append(F.normalize(feat[: max(0, n_captions - start)].float(), dim=-1))
-            states.append(state)
-            bar.update(len(state))
-        bar.close()
-        self.text_feat = torch.cat(feats)  # (U, D) the true captions' features
-        self.text_tokens = torch.cat(states)  # (M, L', Wt)
-        self.text_mask = (tokens != PAD_ID).to(device)  # (M, L')
-        if teacher is not None:
-            captions = tokens[:n_captions]  # (U, L')
-            self._teacher_text = torch.cat(
-                [
-                    F.normalize(
-                        encode_text_tokens(teacher.clip, captions[i : i + _CHUNK].to(device))[0].float(),
-                        dim=-1,
-                    )
-                    for i in range(0, n_captions, _CHUNK)
-                ]
-            )  # (U, D)
-
-    def __len__(self) -> int:
-        return len(self.index)
+_SAMPLE = 5000  # captions read to decide on the relation terms
 
 
-def _words(text: str) -> str:
-    return " ".join(text.lower().split())
-
-
-def _state_bytes(model: AlbefModel, data: TrainData, device: torch.device) -> tuple[int, int]:
-    """Bytes cached per image (token states + pooled feature) and per text (token states at full context)."""
-    size = data.images.size
-    with torch.no_grad():
-        feat, tokens = encode_image_tokens(model.clip, torch.zeros(1, 3, size, size, device=device))
-    per_text = int(data.tokens.shape[1]) * model.fusion_cfg.text_width * tokens.element_size()
-    return tokens[0].numel() * tokens.element_size() + feat.numel() * 4, per_text
+def relation_terms(captions: Sequence[str], rc: RefineConfig, seed: int = 0) -> tuple[bool, bool, str]:
+    """(relation terms on, vertical mirrors on, why) for refine.relation_terms / vertical_mirrors. auto: on when
+    at least rc.relation_share of (a sample of) the captions name a reversible relation between two phrases;
+    photo captions rarely do, and their incidental "right hand" or "top of the hill" is no such relation."""
+    sample = (
+        list(captions) if len(captions) <= _SAMPLE else random.Random(seed).sample(list(captions), _SAMPLE)
+    )
+    share = sum(relation_opposite(c) is not None for c in sample) / max(1, len(sample))
+    if rc.relation_terms == "auto":
+        on = share >= rc.relation_share
+        why = f"auto: {share:.0%} of captions name a spatial relation ({'>=' if on else '<'} {rc.relation_share:.0%})"
+    else:
+        on, why = rc.relation_terms == "on", f"refine.relation_terms={rc.relation_terms}"
+    vertical = on if rc.vertical_mirrors == "auto" else rc.vertical_mirrors == "on"
+    vertical = vertical and any(w in c.lower().split() for c in sample for w in VERTICAL)
+    return on, vertical, why
 
 
 def refine_fusion(
@@ -287,12 +71,21 @@ def refine_fusion(
     steps as step cfg.steps + k with "stage": "refine". The towers' requires_grad and the model's mode are
     restored afterwards. Returns the last logged window's mean losses."""
     rc = cfg.refine
+    relations, vertical, why = relation_terms(data.captions, rc, cfg.seed)
+    if progress:
+        said = "relation, mirror and square terms " + ("on" if relations else "off")
+        print(f"refine: {said} ({why}); vertical mirrors {'on' if vertical else 'off'}", file=sys.stderr)
+    terms = {
+        "relation_terms": relations,
+        "vertical_mirrors": vertical,
+        "why": why,
+    }  # in the stage's first line
     towers = [p for p in model.clip.parameters() if p.requires_grad]
     for p in towers:
         p.requires_grad_(False)
     model.eval()
     try:
-        cache = RefineCache(model, data, cfg, device, preprocess, progress, teacher)
+        cache = RefineCache(model, data, cfg, device, preprocess, relations, vertical, progress, teacher)
         if cache.weight is not None and progress:
             w = cache.weight
             print(
@@ -330,7 +123,7 @@ def refine_fusion(
             "rank_square_caption": rc.square_weight,
             "rank_square_image": rc.square_weight,
         }
-        bar = tqdm(total=rc.steps, desc="refine ITM", unit="step", file=sys.stderr, disable=not progress)
+        bar = progress_bar(desc="refine ITM", unit="step", enabled=progress, total=rc.steps)
         window: dict[str, float] = {}
         means: dict[str, float] = {}
         for k in range(1, rc.steps + 1):
@@ -346,10 +139,9 @@ def refine_fusion(
             if k % cfg.log_every == 0 or k == rc.steps:
                 count = cfg.log_every if k % cfg.log_every == 0 else k % cfg.log_every
                 means = {key: round(v / count, 5) for key, v in window.items()}
-                log({"step": cfg.steps + k, "stage": "refine", **means, "lr": rc.lr})
-                bar.set_postfix(
-                    itm_acc=f"{means['itm_acc']:.2f}", relation=f"{means.get('rank_relation_acc', 0):.2f}"
-                )
+                log({"step": cfg.steps + k, "stage": "refine", **means, "lr": rc.lr, **terms})
+                terms = {}
+                bar.set_postfix({"itm_acc": f"{means['itm_acc']:.2f}"})
                 window = {}
         bar.close()
     finally:

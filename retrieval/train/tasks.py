@@ -23,8 +23,8 @@ from retrieval.losses.contrastive import (
 from retrieval.losses.distill import FeatureQueue, distilled_clip_loss, momentum_update
 from retrieval.losses.mining import same_id_mask
 from retrieval.models.albef import AlbefModel
-from retrieval.models.fusion import itm_forward
 from retrieval.train.config import ObjectiveConfig
+from retrieval.train.itm import itm_forward
 
 
 class ItcItmTask(nn.Module):

@@ -17,10 +17,7 @@ read backwards in a mirror; for such data lower the share or turn it off (`twins
 
 from __future__ import annotations
 
-import random
 import re
-import zlib
-from collections.abc import Sequence
 
 import torch
 
@@ -32,6 +29,8 @@ VERTICAL = {
     "bottom": "top",
     "upper": "lower",
     "lower": "upper",
+    "over": "under",
+    "under": "over",
 }
 _WORDS = {
     axis: re.compile(r"\b(" + "|".join(words) + r")\b", re.IGNORECASE)
@@ -71,25 +70,7 @@ def directional(caption: str, vertical: bool = True) -> bool:
     return bool(_WORDS["h"].search(caption)) or (vertical and bool(_WORDS["v"].search(caption)))
 
 
-def choose_sources(captions: Sequence[str], count: int, seed: int, vertical: bool = True) -> list[int]:
-    """`count` distinct row indices to twin, drawn with `seed`: rows whose twin differs from them first."""
-    rng = random.Random(seed)
-    rows = list(range(len(captions)))
-    rng.shuffle(rows)
-    rows.sort(key=lambda i: not directional(captions[i], vertical))  # stable: random within each group
-    return rows[: min(count, len(rows))]
-
-
 def mirror_pixels(pixels: torch.Tensor, flip_h: bool, flip_v: bool) -> torch.Tensor:
     """(3, H, W) -> the same flipped along W (horizontal) and/or H (vertical)."""
     dims = [d for d, on in ((-1, flip_h), (-2, flip_v)) if on]
     return pixels.flip(dims) if dims else pixels
-
-
-def caption_id(caption: str, known: dict[str, int]) -> int:
-    """The caption's id: its index among the training captions (equal up to case and spacing), or for a caption
-    the data lacks a stable id from its text beyond them, the same on every rank and in a resumed run."""
-    key = " ".join(caption.lower().split())
-    if key in known:
-        return known[key]
-    return len(known) + zlib.crc32(key.encode("utf-8"))

@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from retrieval.models.fusion import FusionConfig, FusionEncoder, build_fusion, itm_forward
+from retrieval.models.fusion import FusionConfig, FusionEncoder, build_fusion
+from retrieval.train.itm import itm_forward
 
 CFG = FusionConfig(width=32, layers=2, heads=2, text_width=16, image_width=24)
 

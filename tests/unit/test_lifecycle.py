@@ -1,7 +1,6 @@
 """Process lifecycle: children die with their parent, signals stop commands cleanly, commits come every few
-seconds, bursts of file events become one pass, progress without a terminal is a line every few seconds."""
+seconds, bursts of file events become one pass."""
 
-import io
 import os
 import signal
 import subprocess
@@ -18,7 +17,6 @@ from retrieval.config import WatchConfig
 from retrieval.lifecycle import EXIT_INTERRUPTED, Interrupted
 from retrieval.pipelines import indexer
 from retrieval.pipelines.watch import Changes, relevant
-from retrieval.progress import Progress
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -160,18 +158,3 @@ def test_relevant_events_are_images_and_folders_not_hidden_files():
     assert relevant("/p/a/new-album", True)
     assert not relevant("/p/a/notes.txt", False)
     assert not relevant("/p/a/.IMG_1.jpg.part", False)
-
-
-def test_progress_without_a_terminal_prints_a_short_line_every_few_seconds(monkeypatch):
-    stream = io.StringIO()  # not a TTY
-    now = [0.0]
-    monkeypatch.setattr("retrieval.progress.time.monotonic", lambda: now[0])
-    meter = Progress(1000, "embedding", every_s=5.0, stream=stream)
-    for _ in range(100):
-        now[0] += 0.5
-        meter.update(10)
-    meter.close()
-    lines = stream.getvalue().splitlines()
-    assert 9 <= len(lines) <= 11  # 50 s of work: one line per 5 s, and a last one
-    assert lines[-1] == "embedding: 1,000/1,000 img, 20.0 img/s, 0s left"
-    assert "\r" not in stream.getvalue()

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from retrieval.data.synth import HELDOUT_COMBOS, hard_negative_captions, parse_caption, scene_key
 from retrieval.losses.contrastive import clip_loss
 from retrieval.losses.distill import FeatureQueue, distilled_clip_loss
-from retrieval.models.fusion import FusionConfig, build_fusion, itm_forward
+from retrieval.models.fusion import FusionConfig, build_fusion
+from retrieval.train.itm import itm_forward
 from retrieval.train.negatives import (
     Vocabulary,
     binding_candidates,

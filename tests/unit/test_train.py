@@ -8,7 +8,7 @@ from retrieval.data.synth import SynthConfig, generate
 from retrieval.errors import UserError
 from retrieval.train.config import load_train_config
 from retrieval.train.loop import train
-from retrieval.train.refine import RefineCache
+from retrieval.train.refine_cache import RefineCache
 
 TINY = [
     "model.arch=test-micro",

@@ -1,0 +1,91 @@
+"""Images, not captions, are the unit: the pairs of one image (same `image_id` column, else same image path or
+tar key) grouped together, as COCO and Flickr30k are laid out (five captions per image).
+
+Training counts every caption of an image as its positive and never as a negative; evaluation counts an
+image-to-text hit when any of its captions is in the top K. Two different images with the same caption (case and
+spacing aside) are positives of each other too: a caption cannot be a negative of an image it describes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from retrieval.data.pairs import Pair
+
+IMAGE_ID_COLUMNS = ("image_id", "img_id")  # the first one present names the image; else its path or tar key
+
+
+def normalize_caption(text: str) -> str:
+    """Case and spacing folded: the form in which two captions are the same caption."""
+    return " ".join(text.lower().split())
+
+
+def image_key(pair: Pair) -> str:
+    """Which image a pair shows: its `image_id` column when the row has one, else its path or tar key."""
+    for column in IMAGE_ID_COLUMNS:
+        value = pair.extra.get(column)
+        if value is not None and str(value) != "":
+            return f"id:{value}"
+    return pair.key
+
+
+@dataclass
+class ImageGroups:
+    images: list[Pair]  # the first pair of each image, in first-seen order: where its pixels come from
+    captions: list[str]  # every caption, in file order
+    caption_image: torch.Tensor  # (C,) long: the image of each caption
+    offsets: torch.Tensor  # (I + 1,) long: captions of image i are order[offsets[i]:offsets[i + 1]]
+    order: torch.Tensor  # (C,) long: caption indices sorted by image
+    ids: torch.Tensor  # (I,) long: positive groups; images sharing a caption share an id
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def captions_of(self, image: int) -> list[int]:
+        return self.order[self.offsets[image] : self.offsets[image + 1]].tolist()
+
+    def counts(self) -> torch.Tensor:
+        return self.offsets[1:] - self.offsets[:-1]  # (I,) captions per image
+
+
+def group_pairs(pairs: Iterable[Pair]) -> ImageGroups:
+    """Group pairs by image_key; ids join images that share a normalised caption (union-find)."""
+    index: dict[str, int] = {}
+    images: list[Pair] = []
+    captions: list[str] = []
+    owner: list[int] = []
+    for pair in pairs:
+        i = index.setdefault(image_key(pair), len(images))
+        if i == len(images):
+            images.append(pair)
+        captions.append(pair.caption)
+        owner.append(i)
+    caption_image = torch.tensor(owner, dtype=torch.long)
+    order = torch.argsort(caption_image, stable=True)
+    offsets = torch.zeros(len(images) + 1, dtype=torch.long)
+    offsets[1:] = torch.cumsum(torch.bincount(caption_image, minlength=len(images)), 0)
+    ids = _shared_caption_ids(captions, owner, len(images))
+    return ImageGroups(images, captions, caption_image, offsets, order, ids)
+
+
+def _shared_caption_ids(captions: list[str], owner: list[int], n_images: int) -> torch.Tensor:
+    parent = list(range(n_images))
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    first: dict[str, int] = {}
+    for caption, image in zip(captions, owner, strict=True):
+        other = first.setdefault(normalize_caption(caption), image)
+        a, b = find(image), find(other)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    roots = [find(i) for i in range(len(parent))]
+    relabel: dict[int, int] = {}
+    return torch.tensor([relabel.setdefault(r, len(relabel)) for r in roots], dtype=torch.long)
