@@ -4,7 +4,7 @@
 
 Model alone: forward passes (normalisation included) on batches already decoded to uint8 tensors, same
 architecture, batch size and threads. Pipeline: `index_folder` on a fresh collection (scan, read, hash, decode in
-DataLoader workers, encode, LanceDB commits, compaction, FAISS build), model loading excluded. Each pipeline run
+decode workers, encode, LanceDB commits, compaction, FAISS build), model loading excluded. Each pipeline run
 is its own process so its peak RSS is its own. Figures are from one run on one machine: compare the ratios.
 """
 

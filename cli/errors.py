@@ -17,17 +17,20 @@ def handle_errors(fn):
     def wrapper(*args, **kwargs):
         from indexes.errors import CollectionError
         from retrieval.errors import RuntimeFailure, UserError
+        from retrieval.lifecycle import EXIT_INTERRUPTED, Interrupted, stop_signals
 
         try:
-            return fn(*args, **kwargs)
+            with stop_signals():  # SIGTERM stops a command the way Ctrl-C does
+                return fn(*args, **kwargs)
         except (UserError, CollectionError) as e:
             fail(str(e), 2)
         except RuntimeFailure as e:
             fail(str(e), 1)
+        except Interrupted as e:
+            typer.echo(f"interrupted: {e}", err=True)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
         except KeyboardInterrupt:
-            typer.echo(
-                "interrupted: everything committed so far is kept; run the command again to resume", err=True
-            )
-            raise typer.Exit(130) from None
+            typer.echo("interrupted: nothing was left half-written", err=True)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
 
     return wrapper

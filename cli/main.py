@@ -84,7 +84,15 @@ def index(
     seed: IndexSeedOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Decoding processes")] = 1,
-    commit_every: Annotated[int, typer.Option("--commit-every", min=1, help="Images per commit")] = 512,
+    commit_every: Annotated[
+        int, typer.Option("--commit-every", min=1, help="Images per commit at most")
+    ] = 512,
+    commit_seconds: Annotated[
+        float, typer.Option("--commit-seconds", min=0.0, help="Commit at least this often (seconds of work)")
+    ] = 2.0,
+    watch: Annotated[
+        bool, typer.Option("--watch", help="After indexing, follow the folders' changes until Ctrl-C/SIGTERM")
+    ] = False,
     reembed: Annotated[
         bool, typer.Option("--reembed", help="Re-embed everything (e.g. with another model)")
     ] = False,
@@ -94,25 +102,25 @@ def index(
 ) -> None:
     """Embed the images under PATHS into the collection --db: incremental and resumable."""
     from retrieval.config import IndexRunConfig
-    from retrieval.pipelines.index_folder import index_folder
     from retrieval.pipelines.model_choice import index_encoder
 
-    encoder = index_encoder(db, model, pretrained, str(checkpoint) if checkpoint else None, seed, device)
     run = IndexRunConfig(
         batch_size=batch_size,
         workers=workers,
         commit_every=commit_every,
+        commit_seconds=commit_seconds,
         reembed=reembed,
         max_memory=collection.parse_bytes(max_memory),
         target_recall=target_recall,
         flat_max=flat_max,
     )
+    cfg = index_encoder(db, model, pretrained, str(checkpoint) if checkpoint else None, seed, device)
     if not quiet:
         collection.show_index_progress()
     if embeddings is not None:
         from retrieval.pipelines.embeddings_io import import_embeddings
 
-        summary = import_embeddings(embeddings, db, encoder, run, progress=not quiet)
+        summary = import_embeddings(embeddings, db, cfg, run, progress=not quiet)
         if json_out:
             typer.echo(json.dumps(output.summary_dict(summary)))
         else:
@@ -120,17 +128,18 @@ def index(
         return
     if not paths:
         raise typer.BadParameter("give image folders or files, or --embeddings DIR")
-    summary = index_folder(
-        [str(p) for p in paths],
-        db,
-        encoder,
-        run,
-        progress=not quiet,
-    )
-    if json_out:
-        typer.echo(json.dumps(output.summary_dict(summary)))
-    else:
-        output.print_index_summary(summary)
+    report = output.json_line if json_out else output.print_index_summary
+    if watch:
+        from retrieval.pipelines.watch import watch_folder
+
+        last = watch_folder(
+            [str(p) for p in paths], db, cfg, run, progress=not quiet, report=report, ready=output.watching
+        )
+        typer.echo(f"stopped watching: {last.total} images in {db}, every change committed", err=True)
+        return
+    from retrieval.pipelines.index_folder import index_folder
+
+    report(index_folder([str(p) for p in paths], db, cfg, run, progress=not quiet))
 
 
 @app.command()

@@ -45,12 +45,22 @@ def summary_dict(summary: Any) -> dict[str, Any]:
     return dataclasses.asdict(summary)
 
 
+def json_line(summary: Any) -> None:
+    print(json.dumps(summary_dict(summary)), flush=True)
+
+
+def watching() -> None:
+    err.print("watching for changes (Ctrl-C or SIGTERM to stop)")
+
+
 def print_index_summary(s: Any) -> None:
     err.print(
         f"[bold]{escape(display(s.db))}[/bold]: {s.total} images ({escape(s.model)}); scanned {s.scanned} in {s.seconds:.1f}s: "
         f"{s.new} new, {s.changed} changed, {s.touched} touched, {s.unchanged} unchanged, {s.removed} removed, "
         f"{len(s.skipped)} skipped"
     )
+    if not s.model_loaded:
+        err.print("no image needed embedding: the model was not loaded")
     if s.embedded_per_s:
         err.print(f"model throughput {s.embedded_per_s:.1f} img/s")
     print_index_line(s.index)

@@ -31,7 +31,9 @@ class EncoderConfig:
 class IndexRunConfig:
     batch_size: int = 64  # images per forward pass
     workers: int = 1  # decode processes; on 2 cores one decoder keeps the model fed without starving it
-    commit_every: int = 512  # images per LanceDB commit: a killed run loses at most this many embeddings
+    commit_every: int = 512  # images per commit at most: bounds the rows held in memory between commits
+    commit_seconds: float = 2.0  # commit after the first batch that ends this long after the last commit: a
+    # kill loses at most this plus the batch being encoded (a commit costs ~20 ms, so the cadence is nearly free)
     reembed: bool = False  # re-embed everything (required to switch a collection to another model)
     max_pixels: int = 178_956_970  # decompression-bomb limit (PIL's default): larger images are skipped
     # the index (indexes/choose.py); None keeps the collection's own setting (a new one gets IndexConfig's)
@@ -42,6 +44,16 @@ class IndexRunConfig:
     def index_settings(self) -> dict[str, Any]:
         names = ("max_memory", "target_recall", "flat_max")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    settle_s: float = 1.0  # quiet time after the last file event before a pass: a burst of copies is one pass
+    max_wait_s: float = (
+        10.0  # a pass starts at most this long after a burst began, even if events keep coming
+    )
+    rescan_s: float = 300.0  # full rescan this often whatever the notifications say: catches what they miss
+    # (network filesystems, an overflowed inotify queue, more folders than the inotify watch limit)
 
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:

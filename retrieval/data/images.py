@@ -2,7 +2,7 @@
 
 Everything that can go wrong with a file (not an image, truncated, a decompression bomb, an odd pixel mode)
 becomes an `ImageDecodeError` whose message is a short reason, so readers can skip, count and report bad files.
-This runs in DataLoader workers over large folders: each file is opened once, decoded once, at reduced scale
+This runs in decode workers over large folders: each file is opened once, decoded once, at reduced scale
 when the format allows (JPEG draft mode), and converted without intermediate copies where Pillow allows it.
 """
 
@@ -14,9 +14,7 @@ import os
 import numpy as np
 from PIL import Image, ImageOps
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
-)
+from retrieval.data.scan import IMAGE_EXTENSIONS  # noqa: F401 - defined with the scan, which needs no numpy
 
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own hard limit (2 * MAX_IMAGE_PIXELS): about 13k x 13k
 

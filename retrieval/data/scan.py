@@ -12,8 +12,11 @@ import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from retrieval.data.images import IMAGE_EXTENSIONS
 from retrieval.errors import UserError
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+)
 
 
 @dataclass(frozen=True)

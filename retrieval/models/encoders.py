@@ -18,6 +18,7 @@ import torch
 from retrieval.config import EncoderConfig
 from retrieval.errors import RuntimeFailure, UserError
 from retrieval.models import towers
+from retrieval.models.source import model_source
 from retrieval.models.stems import STEMS_FILE, apply_conv_stem, preset_stem
 
 PRESET_DIR = Path(__file__).parent / "configs"
@@ -134,14 +135,6 @@ def normalize(pixels: torch.Tensor, mean, std, device: torch.device) -> torch.Te
     return (x - m) / s
 
 
-def describe_weights(identity: dict[str, Any]) -> str:
-    """How a summary names an encoder: random weights said plainly, never only as a tag."""
-    weights = str(identity.get("weights", ""))
-    if weights.startswith("random-init"):  # create_clip's own format for --pretrained none
-        return f"{identity['arch']} with RANDOM weights (untrained, {weights}): results are noise"
-    return f"{identity['arch']} ({weights})"
-
-
 @dataclass
 class Encoder:
     """A dual encoder ready for inference: images in as uint8 batches, normalised float32 features out."""
@@ -211,13 +204,7 @@ def load_encoder(cfg: EncoderConfig) -> Encoder:
     model = model.to(device).eval()
     identity = model_identity(model, arch, weights)
     # how to rebuild this encoder later (search reads it from the manifest); not part of the comparison
-    pretrained = os.path.abspath(cfg.pretrained) if os.path.isfile(cfg.pretrained) else cfg.pretrained
-    identity["source"] = {
-        "arch": arch,
-        "pretrained": pretrained,
-        "checkpoint": os.path.abspath(cfg.checkpoint) if cfg.checkpoint else None,
-        "seed": cfg.seed,
-    }
+    identity["source"] = {**model_source(cfg), "arch": arch}
     return Encoder(
         model=model,
         tokenizer=open_clip.get_tokenizer(arch),

@@ -18,8 +18,8 @@ from retrieval.config import EncoderConfig
 from retrieval.data.images import IMAGE_EXTENSIONS, ImageDecodeError, load_for_model
 from retrieval.errors import UserError
 from retrieval.models.encoders import Encoder, load_encoder
-from retrieval.pipelines.model_choice import collection_encoder
 from retrieval.pipelines.collection_tools import unique_hits
+from retrieval.pipelines.model_choice import collection_encoder
 from retrieval.pipelines.rerank import load_reranker, rerank_hits, rerank_text
 
 _SPLIT = re.compile(r"\s+([+-])\s+")  # operators need spaces around them, so "t-shirt" stays one term

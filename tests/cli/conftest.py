@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -62,3 +63,33 @@ def run_cli(*args, **kw):
 
 def load_json(text: str):
     return json.loads(text)
+
+
+def session_processes(sid: int) -> list[int]:
+    """Live (not zombie) processes of session `sid`: a command started with start_new_session=True and every
+    process it started, whoever their parent is now."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":  # fields: state ppid pgrp session ...
+            pids.append(int(entry))
+    return pids
+
+
+def wait_until_gone(sid: int, seconds: float) -> list[int]:
+    deadline = time.time() + seconds
+    while (alive := session_processes(sid)) and time.time() < deadline:
+        time.sleep(0.1)
+    return alive
+
+
+def committed_versions(db: Path) -> int:
+    """Lance commits so far (one version file each): how a test knows a run is past its first commits."""
+    versions = db / "images.lance" / "_versions"
+    return len(list(versions.iterdir())) if versions.is_dir() else 0

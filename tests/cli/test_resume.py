@@ -1,4 +1,5 @@
-"""kill -9 in the middle of `retrieval index`, then a re-run: every image is in the collection exactly once."""
+"""kill -9 in the middle of `retrieval index`: no process of the run survives it, and a re-run ends with every
+image in the collection exactly once."""
 
 import json
 import os
@@ -10,12 +11,13 @@ import time
 import pytest
 
 from indexes.store import ImageStore
-from tests.cli.conftest import make_images, run_cli
-
-
-def committed_versions(db) -> int:
-    versions = db / "images.lance" / "_versions"
-    return len(list(versions.iterdir())) if versions.is_dir() else 0
+from tests.cli.conftest import (
+    committed_versions,
+    make_images,
+    run_cli,
+    session_processes,
+    wait_until_gone,
+)
 
 
 @pytest.mark.slow
@@ -27,15 +29,18 @@ def test_kill_9_mid_run_then_resume(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "cli.main", *map(str, args), "--batch-size", "8", "--commit-every", "16"],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its session id is its pid: how its children are found after it dies
     )
     deadline = time.time() + 600  # generous: on a loaded 2-core box the first commits took over 2 minutes
     while committed_versions(db) < 4 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
     assert proc.poll() is None, "the run finished before it could be killed; make the folder bigger"
     assert committed_versions(db) >= 4, "no commit within 10 minutes: the machine is too loaded for this test"
+    assert len(session_processes(proc.pid)) >= 2, "no decode worker was running: the test proves nothing"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    assert wait_until_gone(proc.pid, 10) == [], "processes of the killed run still alive after 10 s"
 
     partial = ImageStore(db).count()
     assert 0 < partial < len(good)

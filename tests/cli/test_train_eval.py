@@ -113,6 +113,32 @@ def test_kill_9_then_resume_ends_at_the_same_step_with_a_continuous_log(scenes, 
     assert steps == list(range(1, 61))  # no gap, no duplicate where it was killed
 
 
+def test_ctrl_c_keeps_a_checkpoint_of_the_last_step_and_resume_continues(scenes, tmp_path):
+    ck = tmp_path / "ck"
+    args = ["train", scenes / "train.jsonl", "--out", ck, "-q", *sets(*TINY, "steps=400", "save_every=1000")]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", *map(str, args)], stderr=subprocess.PIPE, text=True
+    )
+    log = ck / "log.jsonl"
+    deadline = time.time() + 120
+    while not (log.exists() and len(log.read_text().splitlines()) >= 3) and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be stopped"
+    os.kill(proc.pid, signal.SIGINT)  # what Ctrl-C sends
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted: stopped at step ") and "--resume" in last
+    step = int(last.split("stopped at step ")[1].split()[0])
+    assert f"the checkpoint of step {step} " in last  # save_every=1000: saved because it was stopped
+    assert json.loads((ck / "config.json").read_text())["training"]["step"] == step
+
+    result = run_cli("train", scenes / "train.jsonl", "--out", ck, "-q", "--resume", "--stop-after", step + 2)
+    assert result.returncode == 0, result.stderr
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert steps == list(range(1, step + 3))
+
+
 @pytest.mark.slow
 def test_torchrun_two_gloo_processes(scenes, tmp_path):
     ck = tmp_path / "ddp"
