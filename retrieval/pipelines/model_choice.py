@@ -51,7 +51,8 @@ def index_encoder(
     """The encoder `retrieval index` embeds with (see the module docstring). seed None: the collection's."""
     if checkpoint:
         return EncoderConfig(checkpoint=checkpoint, seed=seed or 0, device=device)
-    own = _own_model(db)
+    # a model named in full needs nothing from the collection (whose manifest may be the thing being repaired)
+    own = _own_model(db) if model is None or pretrained is None else None
     source = ((own or {}).get("source") or {}) if own else {}
     if model is None and pretrained is None and own is not None:
         cfg = collection_encoder(db, own, device)

@@ -12,7 +12,7 @@ from indexes.build import recall_at_k
 from indexes.manifest import read_manifest
 from tests.cli.conftest import invoke
 
-MODEL = ["--model", "test-micro", "--device", "cpu"]  # 32-d
+MODEL = ["--model", "test-micro", "--pretrained", "none", "--device", "cpu"]  # 32-d
 SMALL = ["--flat-max", "500"]  # an approximate index already at a few thousand vectors
 
 

@@ -16,7 +16,7 @@ from indexes.manifest import read_manifest
 from tests.cli.conftest import invoke, make_images
 
 K = 5
-MODEL = ["--model", "test-micro", "--device", "cpu", "-q"]
+MODEL = ["--model", "test-micro", "--pretrained", "none", "--device", "cpu", "-q"]
 
 
 def new_table_rows(db) -> int:
@@ -47,7 +47,21 @@ def test_searches_never_fail_during_updates_reembeds_and_kills(runner, tmp_path)
         updated_at = time.time()
 
         # a re-embed with another model, killed -9 after some of its commits, then run again to the end
-        args = ["index", folder, "--db", db, "--model", "test-micro", "--seed", "1", "--device", "cpu", "-q"]
+        args = [
+            "index",
+            folder,
+            "--db",
+            db,
+            "--model",
+            "test-micro",
+            "--pretrained",
+            "none",
+            "--seed",
+            "1",
+            "--device",
+            "cpu",
+            "-q",
+        ]
         proc = subprocess.Popen(
             [
                 sys.executable,

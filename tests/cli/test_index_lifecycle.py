@@ -16,7 +16,7 @@ from indexes.store import ImageStore
 from retrieval.errors import UserError
 from tests.cli.conftest import committed_versions, invoke, make_images, wait_until_gone
 
-MODEL = ["--model", "test-micro", "--device", "cpu"]
+MODEL = ["--model", "test-micro", "--pretrained", "none", "--device", "cpu"]
 
 
 def index_json(runner, folder, db, *extra):
@@ -69,7 +69,7 @@ def start(*args) -> subprocess.Popen:
 def test_sigterm_mid_run_commits_what_was_embedded_and_exits_130(tmp_path):
     folder, db = tmp_path / "photos", tmp_path / "db"
     make_images(folder, 300)
-    proc = start("index", folder, "--db", db, "--model", "tiny-vit-64", "--device", "cpu", "--batch-size", "8",
+    proc = start("index", folder, "--db", db, "--model", "tiny-vit-64", "--pretrained", "none", "--device", "cpu", "--batch-size", "8",
                  "--commit-seconds", "0.5")  # fmt: skip
     deadline = time.time() + 600  # a loaded 2-core box can take minutes to the first commits
     while committed_versions(db) < 4 and time.time() < deadline and proc.poll() is None:

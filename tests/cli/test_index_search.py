@@ -68,7 +68,7 @@ def test_another_model_is_refused_and_changes_nothing(runner, tmp_path):
     version = ImageStore(db).version
     make_images(folder, 2, start=50)  # new files that must not be embedded with the other model
 
-    result = invoke(runner, "index", folder, "--db", db, "--model", "test-micro", "--seed", "1", "-q")
+    result = invoke(runner, "index", folder, "--db", db, *MODEL, "--seed", "1", "-q")
     assert result.exit_code == 2
     assert result.stderr.count("\n") == 1 and "--reembed" in result.stderr
     assert json.dumps(read_manifest(db), sort_keys=True) == manifest and ImageStore(db).version == version
