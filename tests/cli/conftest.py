@@ -43,6 +43,39 @@ def add_broken(folder: Path) -> None:
     (folder / "notes.jpg").write_text("not an image at all")
 
 
+# a tiny training configuration: seconds per run on 2 cores, every phase of training included
+TINY = [
+    "model.arch=test-micro",
+    "model.fusion.width=32",
+    "model.fusion.layers=1",
+    "model.fusion.heads=2",
+    "batch_size=16",
+    "log_every=1",
+    "optim.warmup_steps=2",
+    "refine.steps=3",  # the ITM refinement stage runs too (on rank 0 alone under torchrun)
+    "refine.batch_size=8",
+]
+
+
+def sets(*items):
+    return [arg for item in items for arg in ("--set", item)]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """120 generated scenes and a checkpoint trained on them (4 joint steps + 3 refinement steps), made once per
+    session, in process: the commands that read a checkpoint share it instead of paying for their own."""
+    root = tmp_path_factory.mktemp("tiny-run")
+    scenes, ck = root / "scenes", root / "ck"
+    runner = CliRunner()
+    result = invoke(runner, "data", "synth", scenes, "-n", "120", "--image-size", "48")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ""  # a summary goes to stderr: stdout is for --json
+    result = invoke(runner, "train", scenes / "train.jsonl", "--out", ck, "-q", *sets(*TINY, "steps=4"))
+    assert result.exit_code == 0, result.output
+    return scenes, ck
+
+
 @pytest.fixture
 def runner():
     return CliRunner()

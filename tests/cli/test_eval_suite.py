@@ -5,18 +5,13 @@ import os
 
 import pytest
 
-from tests.cli.conftest import run_cli
-from tests.cli.test_train_eval import TINY, sets
+from tests.cli.conftest import invoke
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tiny_run, tmp_path_factory):
+    scenes, ck = tiny_run
     root = tmp_path_factory.mktemp("eval-suite")
-    scenes, ck = root / "scenes", root / "ck"
-    result = run_cli("data", "synth", scenes, "-n", "120", "--image-size", "48")
-    assert result.returncode == 0, result.stderr
-    result = run_cli("train", scenes / "train.jsonl", "--out", ck, "-q", *sets(*TINY, "steps=4"))
-    assert result.returncode == 0, result.stderr
     # a folder per class: the one-object scenes by their shape
     classes = root / "classes"
     for line in (scenes / "train.jsonl").read_text().splitlines():
@@ -28,12 +23,16 @@ def trained(tmp_path_factory):
     return scenes, ck, classes
 
 
-def test_binding_triples_and_zero_shot_from_the_command_line(trained):
+def test_binding_triples_and_zero_shot_from_the_command_line(runner, trained):
     scenes, ck, classes = trained
+
+    def run_cli(*args):  # in process: one import of torch for every command of the test
+        return invoke(runner, *args)
+
     synth = run_cli("eval", scenes / "heldout.jsonl", "--checkpoint", ck, "--json")
-    assert synth.returncode == 0, synth.stderr
+    assert synth.exit_code == 0, synth.output
     triples = run_cli("eval", "--binding", scenes / "heldout_binding.jsonl", "--checkpoint", ck, "--json")
-    assert triples.returncode == 0, triples.stderr
+    assert triples.exit_code == 0, triples.output
     by_rows, by_file = json.loads(synth.stdout), json.loads(triples.stdout)
     # the triples `data synth` writes score exactly as the held-out rows' own hard negatives
     assert {k: v for k, v in by_rows.items() if k.startswith("binding")} == {
@@ -53,14 +52,14 @@ def test_binding_triples_and_zero_shot_from_the_command_line(trained):
         "plain",
         "--json",
     )
-    assert both.returncode == 0, both.stderr
+    assert both.exit_code == 0, both.output
     report = json.loads(both.stdout)
     assert report["t2i.R@1"] == by_rows["t2i.R@1"] and report["binding.itc"] == by_file["binding.itc"]
     assert report["zeroshot.n_classes"] == 4 and report["zeroshot.n_images"] > 0
     assert 0.0 <= report["zeroshot.acc@1"] <= report["zeroshot.acc@5"] == 1.0  # 4 classes: top 5 holds all
 
 
-def test_bad_eval_input_is_one_line_exit_2(trained, tmp_path):
+def test_bad_eval_input_is_one_line_exit_2(runner, trained, tmp_path):
     scenes, ck, classes = trained
     (tmp_path / "one" / "only").mkdir(parents=True)
     for args, message in (
@@ -70,7 +69,7 @@ def test_bad_eval_input_is_one_line_exit_2(trained, tmp_path):
         (["eval", "--zero-shot", classes, "--templates", "nope", "--checkpoint", ck], "not one of openai"),
         (["eval", "--zero-shot", classes], "needs --checkpoint"),
     ):
-        result = run_cli(*args)
-        assert result.returncode == 2, (args, result.stderr)
+        result = invoke(runner, *args)
+        assert result.exit_code == 2, (args, result.output)
         assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
         assert message in result.stderr and result.stdout == ""

@@ -13,15 +13,15 @@ import pytest
 from indexes.store import ImageStore
 from tests.cli.conftest import (
     committed_versions,
+    invoke,
     make_images,
-    run_cli,
     session_processes,
     wait_until_gone,
 )
 
 
 @pytest.mark.slow
-def test_kill_9_mid_run_then_resume(tmp_path):
+def test_kill_9_mid_run_then_resume(runner, tmp_path):
     folder, db = tmp_path / "photos", tmp_path / "db"
     good = make_images(folder, 300)
     model = ["--model", "tiny-vit-64", "--pretrained", "none", "--device", "cpu"]
@@ -45,13 +45,13 @@ def test_kill_9_mid_run_then_resume(tmp_path):
     partial = ImageStore(db).count()
     assert 0 < partial < len(good)
 
-    out = run_cli(*args, "--json")
-    assert out.returncode == 0, out.stderr
+    out = invoke(runner, *args, "--json")  # the re-run, in process
+    assert out.exit_code == 0, out.output
     summary = json.loads(out.stdout)
     assert summary["unchanged"] == partial and summary["new"] == len(good) - partial
     stats = ImageStore(db).stats()
     assert len(stats) == ImageStore(db).count() == len(good)
     assert sorted(stats) == sorted(str(p) for p in good)
     # and the index answers over all of them
-    hits = json.loads(run_cli("search", "x", "--db", db, "-k", "1000", "--json").stdout)
+    hits = json.loads(invoke(runner, "search", "x", "--db", db, "-k", "1000", "--json").stdout)
     assert len(hits) == len(good) and len({h["path"] for h in hits}) == len(good)

@@ -10,40 +10,18 @@ import time
 
 import pytest
 
-from tests.cli.conftest import run_cli
-
-TINY = [
-    "model.arch=test-micro",
-    "model.fusion.width=32",
-    "model.fusion.layers=1",
-    "model.fusion.heads=2",
-    "batch_size=16",
-    "log_every=1",
-    "optim.warmup_steps=2",
-    "refine.steps=3",  # the ITM refinement stage runs too (on rank 0 alone under torchrun)
-    "refine.batch_size=8",
-]
-
-
-def sets(*items):
-    return [arg for item in items for arg in ("--set", item)]
+from tests.cli.conftest import TINY, invoke, run_cli, sets
 
 
 @pytest.fixture(scope="module")
-def scenes(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cli-scenes") / "scenes"
-    result = run_cli("data", "synth", out, "-n", "120", "--image-size", "48")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == ""
-    return out
+def scenes(tiny_run):
+    return tiny_run[0]
 
 
-def test_train_eval_index_search(scenes, tmp_path):
-    ck = tmp_path / "ck"
-    result = run_cli("train", scenes / "train.jsonl", "--out", ck, "-q", *sets(*TINY, "steps=4"))
-    assert result.returncode == 0, result.stderr
-    result = run_cli("eval", scenes / "heldout.jsonl", "--checkpoint", ck, "--rerank", "4", "--json")
-    assert result.returncode == 0, result.stderr
+def test_train_eval_index_search(runner, tiny_run, tmp_path):
+    scenes, ck = tiny_run
+    result = invoke(runner, "eval", scenes / "heldout.jsonl", "--checkpoint", ck, "--rerank", "4", "--json")
+    assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout)
     for key in (
         "t2i.R@1",
@@ -56,16 +34,19 @@ def test_train_eval_index_search(scenes, tmp_path):
     ):
         assert 0.0 <= metrics[key] <= 1.0, key
     db = tmp_path / "db"
-    assert (
-        run_cli("index", scenes / "images" / "heldout", "--db", db, "--checkpoint", ck, "-q").returncode == 0
-    )
-    hits = json.loads(run_cli("search", "a large red circle", "--db", db, "-k", "3", "--json").stdout)
+    result = invoke(runner, "index", scenes / "images" / "heldout", "--db", db, "--checkpoint", ck, "-q")
+    assert result.exit_code == 0, result.output
+
+    def search(*args):
+        result = invoke(runner, "search", "a large red circle", "--db", db, *args, "--json")
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    hits = search("-k", "3")
     assert len(hits) == 3 and all(os.path.exists(h["path"]) for h in hits)
     # --rerank re-orders the index's top K by the collection's own checkpoint's ITM head
-    plain = json.loads(run_cli("search", "a large red circle", "--db", db, "-k", "6", "--json").stdout)
-    result = run_cli("search", "a large red circle", "--db", db, "-k", "6", "--rerank", "6", "--json")
-    assert result.returncode == 0, result.stderr
-    reranked = json.loads(result.stdout)
+    plain = search("-k", "6")
+    reranked = search("-k", "6", "--rerank", "6")
     assert {h["path"] for h in reranked} == {h["path"] for h in plain}
     fused = [h["rerank"] for h in reranked]
     assert fused == sorted(fused, reverse=True) and all(0.0 <= h["itm"] <= 1.0 for h in reranked)
@@ -75,18 +56,19 @@ def test_train_eval_index_search(scenes, tmp_path):
         (h["rerank"] - math.log(p / (1 - p))) / h["score"] for h, p in zip(reranked, clipped, strict=True)
     ]
     assert max(scales) - min(scales) < 1e-2 * max(abs(x) for x in scales)
+    # the real console entry point, in a fresh process: a bad query is one line and exit 2
     bad = run_cli("search", "red + circle", "--db", db, "--rerank", "4")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "plain text" in bad.stderr
 
 
-def test_bad_training_input_is_one_line_exit_2(scenes, tmp_path):
+def test_bad_training_input_is_one_line_exit_2(runner, scenes, tmp_path):
     for args in (
         ["train", tmp_path / "nope.jsonl", "--out", tmp_path / "o"],
         ["train", scenes / "train.jsonl", "--out", tmp_path / "o", "--set", "optim.lrr=1"],
         ["eval", scenes / "heldout.jsonl", "--checkpoint", tmp_path],
     ):
-        result = run_cli(*args)
-        assert result.returncode == 2, (args, result.stderr)
+        result = invoke(runner, *args)
+        assert result.exit_code == 2, (args, result.output)
         assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
 
 
