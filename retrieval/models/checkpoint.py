@@ -16,15 +16,17 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import open_clip
 import torch
-from safetensors.torch import load_file, save_model
+from safetensors.torch import save_model
 
 from retrieval.errors import UserError
 from retrieval.models.encoders import file_digest
+from retrieval.models.loading import is_visual, load_safetensors
 from retrieval.models.stems import stem_channels
 
 FORMAT = "retrieval-checkpoint"
@@ -111,14 +113,22 @@ def _register_arch(arch: str, model_cfg: dict[str, Any]) -> str:
     return arch
 
 
-def load_component(directory: str | os.PathLike, name: str, module: torch.nn.Module) -> torch.nn.Module:
+def load_component(
+    directory: str | os.PathLike,
+    name: str,
+    module: torch.nn.Module,
+    skip: Callable[[str], bool] | None = None,
+) -> torch.nn.Module:
+    """Load a component's weights into `module`, strictly; skip: names neither read nor expected."""
     config = read_config(directory)
     filename = config["components"].get(name)
     if filename is None:
         have = ", ".join(sorted(config["components"]))
         raise UserError(f"{directory}: checkpoint has no {name!r} component (it has: {have})")
-    state = load_file(str(Path(directory) / filename))
+    state = load_safetensors(Path(directory) / filename, (lambda k: not skip(k)) if skip else None)
     missing, unexpected = module.load_state_dict(state, strict=False)
+    if skip is not None:
+        missing = [k for k in missing if not skip(k)]
     if missing or unexpected:
         raise UserError(
             f"{directory}/{filename}: weights do not fit the model (missing {len(missing)}, unexpected "
@@ -127,15 +137,18 @@ def load_component(directory: str | os.PathLike, name: str, module: torch.nn.Mod
     return module
 
 
-def load_dual_encoder(directory: str | os.PathLike) -> tuple[torch.nn.Module, str, str]:
-    """Returns (OpenCLIP model on the CPU, architecture name, weights identity)."""
+def load_dual_encoder(
+    directory: str | os.PathLike, text_only: bool = False
+) -> tuple[torch.nn.Module, str, str]:
+    """Returns (OpenCLIP model on the CPU, architecture name, weights identity). text_only: the image tower's
+    weights are not read (its tensors stay uninitialised: for text queries only)."""
     config = read_config(directory)
     arch = config["arch"]
     build = _register_arch(arch, config["model_cfg"])
     from retrieval.models.encoders import create_untrained  # here: encoders imports this module
 
     stem = config.get("vision_stem")  # absent in checkpoints older than stems: they had none
-    model = create_untrained(build, tuple(stem) if stem else None)
-    load_component(directory, DUAL_ENCODER, model)
+    model = create_untrained(build, tuple(stem) if stem else None, init=False)  # every weight is loaded next
+    load_component(directory, DUAL_ENCODER, model, skip=is_visual if text_only else None)
     weights = f"checkpoint:{file_digest(Path(directory) / config['components'][DUAL_ENCODER])}"
     return model, arch, weights

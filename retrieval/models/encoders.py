@@ -4,8 +4,8 @@ checkpoint directory written by this toolkit. Images and texts come out L2-norma
 
 from __future__ import annotations
 
+import contextlib
 import difflib
-import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -18,6 +18,7 @@ import torch
 from retrieval.config import EncoderConfig
 from retrieval.errors import RuntimeFailure, UserError
 from retrieval.models import towers
+from retrieval.models.loading import cached_digest, load_text_weights, skip_init
 from retrieval.models.source import model_source
 from retrieval.models.stems import STEMS_FILE, apply_conv_stem, preset_stem
 
@@ -51,12 +52,9 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     raise UserError(f"precision {precision!r}: expected auto, fp32, fp16 or bf16")
 
 
-def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def file_digest(path: str | os.PathLike) -> str:
+    """The weights identity of a file: blake2b-128 of its bytes, remembered by (path, size, mtime) (loading.py)."""
+    return cached_digest(path)
 
 
 def check_arch(arch: str) -> None:
@@ -70,15 +68,19 @@ def check_arch(arch: str) -> None:
 _PRESET = object()  # create_untrained's default: the stem the preset declares (stems.py)
 
 
-def create_untrained(arch: str, stem: tuple[int, ...] | None | object = _PRESET) -> torch.nn.Module:
+def create_untrained(
+    arch: str, stem: tuple[int, ...] | None | object = _PRESET, init: bool = True
+) -> torch.nn.Module:
     """open_clip.create_model without weights, minus its "no pretrained weights loaded" warning: random init (or
     weights loaded right after, from a checkpoint) is the point here, and the warning only alarms users.
-    stem: conv stem channels, None for none, or by default whatever the preset `arch` declares."""
+    stem: conv stem channels, None for none, or by default whatever the preset `arch` declares.
+    init=False: no random init (loading.skip_init), for a caller that loads every weight it will use next."""
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)
     try:
-        # pretrained_text=False: a Hugging Face text tower starts random too, rather than fetching its hub weights
-        model = open_clip.create_model(arch, pretrained=None, pretrained_text=False)
+        with skip_init() if not init else contextlib.nullcontext():
+            # pretrained_text=False: a Hugging Face text tower starts random too, not fetched from the hub
+            model = open_clip.create_model(arch, pretrained=None, pretrained_text=False)
     finally:
         logging.disable(previous)
     channels = preset_stem(arch) if stem is _PRESET else stem
@@ -96,11 +98,13 @@ def create_clip(arch: str, pretrained: str = "none", seed: int = 0) -> tuple[tor
         return model, f"random-init:seed={seed}"
     if os.path.isfile(pretrained):
         try:
+            # every weight is loaded from the file (strictly): no random init before it
             if preset_stem(arch):  # open_clip would build the patchify layer the weights do not fit
-                model = create_untrained(arch)
+                model = create_untrained(arch, init=False)
                 open_clip.load_checkpoint(model, pretrained, weights_only=True)
             else:
-                model = open_clip.create_model(arch, pretrained=pretrained, weights_only=True)
+                with skip_init():
+                    model = open_clip.create_model(arch, pretrained=pretrained, weights_only=True)
         except Exception as e:  # noqa: BLE001 - any failure to read the file is bad input
             raise UserError(
                 f"{pretrained}: cannot load as weights for {arch}: {str(e).splitlines()[0]}"
@@ -116,7 +120,8 @@ def create_clip(arch: str, pretrained: str = "none", seed: int = 0) -> tuple[tor
 
     ensure_fetchable(arch, pretrained)  # offline: fail now, naming the ways out, not after hub time-outs
     try:
-        model = open_clip.create_model(arch, pretrained=pretrained)
+        with skip_init():  # the published checkpoint holds every weight (open_clip loads it strictly)
+            model = open_clip.create_model(arch, pretrained=pretrained)
     except Exception as e:  # noqa: BLE001 - typically the network
         raise RuntimeFailure(
             f"cannot fetch pretrained weights {arch}/{pretrained} ({str(e).splitlines()[0][:120]}); "
@@ -144,6 +149,7 @@ class Encoder:
     device: torch.device
     amp_dtype: torch.dtype | None
     identity: dict[str, Any] = field(default_factory=dict)
+    text_only: bool = False  # loaded without its image tower's weights (a text query needs none)
 
     @property
     def image_size(self) -> int:
@@ -161,6 +167,8 @@ class Encoder:
 
     @torch.inference_mode()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        if self.text_only:
+            raise RuntimeError("this encoder was loaded for text only (load_encoder(text_only=True))")
         x = self._pixels(images)  # (B, 3, S, S)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             feats = self.model.encode_image(x)  # (B, D)
@@ -172,6 +180,16 @@ class Encoder:
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             feats = self.model.encode_text(tokens)  # (B, D)
         return torch.nn.functional.normalize(feats.float(), dim=-1).cpu()
+
+
+def text_clip(arch: str, pretrained: str) -> tuple[torch.nn.Module, str] | None:
+    """create_clip for text queries: from a local weights file only the text side is read, the image tower left
+    uninitialised. None where that does not apply (random init, a tag, a file needing open_clip's conversions)."""
+    if not os.path.isfile(pretrained) or preset_stem(arch):
+        return None
+    check_arch(arch)
+    model = create_untrained(arch, init=False)
+    return (model, f"file:{file_digest(pretrained)}") if load_text_weights(model, pretrained) else None
 
 
 def model_identity(model: torch.nn.Module, arch: str, weights: str) -> dict[str, Any]:
@@ -189,18 +207,22 @@ def model_identity(model: torch.nn.Module, arch: str, weights: str) -> dict[str,
     }
 
 
-def load_encoder(cfg: EncoderConfig) -> Encoder:
-    """The one entry point every pipeline uses to get a dual encoder."""
+def load_encoder(cfg: EncoderConfig, text_only: bool = False) -> Encoder:
+    """The one entry point every pipeline uses to get a dual encoder. text_only: a checkpoint of ours or a local
+    weights file is loaded without its image tower's weights (a text search needs none; encode_images then
+    refuses); random init and pretrained tags load in full."""
     device = resolve_device(cfg.device)
     if cfg.checkpoint:
         from retrieval.models.checkpoint import (
             load_dual_encoder,  # local import: checkpoint imports this module
         )
 
-        model, arch, weights = load_dual_encoder(cfg.checkpoint)
+        model, arch, weights = load_dual_encoder(cfg.checkpoint, text_only=text_only)
     else:
         arch = cfg.arch
-        model, weights = create_clip(arch, cfg.pretrained, cfg.seed)
+        loaded = text_clip(arch, cfg.pretrained) if text_only else None
+        text_only = loaded is not None
+        model, weights = loaded or create_clip(arch, cfg.pretrained, cfg.seed)
     model = model.to(device).eval()
     identity = model_identity(model, arch, weights)
     # how to rebuild this encoder later (search reads it from the manifest); not part of the comparison
@@ -211,4 +233,5 @@ def load_encoder(cfg: EncoderConfig) -> Encoder:
         device=device,
         amp_dtype=autocast_dtype(device, cfg.precision),
         identity=identity,
+        text_only=text_only,
     )

@@ -106,18 +106,20 @@ def search(
     if rerank < 0:
         raise UserError(f"--rerank {rerank}: must be 0 (off) or at least 1")
     text = rerank_text(query, image) if rerank else None
-    collection = Collection.open(db)
-    if encoder_cfg is None:
-        encoder_cfg = encoder_config_for(collection, device)
-        encoder = load_encoder(encoder_cfg)
-    else:
-        encoder = load_encoder(encoder_cfg)
-        check_model(db, collection.model, encoder.identity)
     terms = parse_query(query) if query else []
     if image:
         terms.append(QueryTerm(1.0, image=image))
     if not terms:
         raise UserError("nothing to search for: give a text query, or --image FILE")
+    # a text query without re-ranking never runs the image tower: its weights are not even read
+    text_only = not rerank and all(t.image is None for t in terms)
+    collection = Collection.open(db)
+    if encoder_cfg is None:
+        encoder_cfg = encoder_config_for(collection, device)
+        encoder = load_encoder(encoder_cfg, text_only=text_only)
+    else:
+        encoder = load_encoder(encoder_cfg, text_only=text_only)
+        check_model(db, collection.model, encoder.identity)
     hits = unique_hits(collection, query_vector(encoder, terms)[None], max(k, rerank), unique)[0]
     if not rerank:
         return hits

@@ -115,3 +115,58 @@ def test_bad_model_flags_are_one_line_errors(cfg, message):
         pytest.skip("a GPU is present")
     with pytest.raises(UserError, match=message):
         load_encoder(cfg)
+
+
+@pytest.mark.parametrize("suffix", ["safetensors", "pt"])
+def test_a_text_query_reads_only_the_text_side_and_encodes_the_same(tmp_path, suffix):
+    """Search loads a text-only encoder (no image tower read, no random init): its text vectors are the full
+    encoder's, bit for bit, and it refuses to encode images rather than answer from uninitialised weights."""
+    from safetensors.torch import save_model
+
+    model, _ = create_clip("test-micro", "none", seed=7)
+    weights = tmp_path / f"w.{suffix}"
+    save_model(model, str(weights)) if suffix == "safetensors" else torch.save(model.state_dict(), weights)
+    ck = tmp_path / "ck"
+    save_checkpoint(ck, "test-micro", {"dual_encoder": model})
+    for cfg in (
+        EncoderConfig(arch="test-micro", pretrained=str(weights), device="cpu"),
+        EncoderConfig(checkpoint=str(ck), device="cpu"),
+    ):
+        full, text = load_encoder(cfg), load_encoder(cfg, text_only=True)
+        assert text.text_only and not full.text_only and text.identity == full.identity
+        texts = ["a red circle", "two blue squares left of a cat"]
+        assert torch.equal(text.encode_texts(texts), full.encode_texts(texts))
+        with pytest.raises(RuntimeError, match="text only"):
+            text.encode_images(torch.zeros(1, 3, text.image_size, text.image_size, dtype=torch.uint8))
+
+
+def test_weights_loaded_without_random_init_are_the_weights(tmp_path):
+    """skip_init leaves weights uninitialised: only safe because every one is loaded next; checked here."""
+    from retrieval.models.encoders import create_untrained
+
+    torch.manual_seed(0)
+    source = create_untrained("tiny-vit-64")
+    fast = create_untrained("tiny-vit-64", init=False)
+    fast.load_state_dict(source.state_dict())
+    for (name, a), b in zip(source.state_dict().items(), fast.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_file_digests_are_remembered_until_the_file_changes(tmp_path, monkeypatch):
+    import os
+
+    from retrieval.models import loading
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"a" * 1000)
+    first = loading.cached_digest(path)
+    assert (tmp_path / "cache" / "retrieval" / "digests.json").exists()
+    calls = []
+    monkeypatch.setattr(loading, "_digest", lambda p: calls.append(p) or "recomputed")
+    assert loading.cached_digest(path) == first and not calls  # same size, mtime and inode: remembered
+    path.write_bytes(b"b" * 1000)
+    os.utime(path, ns=(1, 1))  # another mtime even on a coarse clock
+    assert loading.cached_digest(path) == "recomputed" and len(calls) == 1
+    (tmp_path / "cache" / "retrieval" / "digests.json").write_text("not json")
+    assert loading.cached_digest(path) == "recomputed"  # a damaged cache is only slower
