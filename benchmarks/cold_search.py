@@ -51,14 +51,18 @@ def main() -> None:
     args = ap.parse_args()
     trees = {"before": args.before.split(":", 1), "after": args.after.split(":", 1)}
     times: dict[str, list[tuple[float, float]]] = {"before": [], "after": []}
-    cold_search(*trees["before"], args.query)  # warm the page cache for both: every run then reads from memory
+    cold_search(
+        *trees["before"], args.query
+    )  # warm the page cache for both: every run then reads from memory
     cold_search(*trees["after"], args.query)
     for i in range(args.runs):
         for name in ("before", "after") if i % 2 == 0 else ("after", "before"):
             wall, cpu = cold_search(*trees[name], args.query)
             times[name].append((wall, cpu))
             print(f"run {i + 1} {name:6s} wall {wall:6.2f} s  cpu {cpu:6.2f} s", flush=True)
-    med = {n: (statistics.median(w for w, _ in t), statistics.median(c for _, c in t)) for n, t in times.items()}
+    med = {
+        n: (statistics.median(w for w, _ in t), statistics.median(c for _, c in t)) for n, t in times.items()
+    }
     for name, (wall, cpu) in med.items():
         print(f"median {name:6s} wall {wall:6.2f} s  cpu {cpu:6.2f} s")
     print(

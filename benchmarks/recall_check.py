@@ -113,7 +113,9 @@ def main() -> None:
     exact = single_query_ms(flat, queries[: args.timed_exact], args.k)
     a, e = statistics.median(approx), statistics.median(exact)
     print(f"single query, collection index (nprobe {nprobe}): p50 {a:.2f} ms over {len(approx)}")
-    print(f"single query, exact IndexFlatIP over {flat.ntotal} float32 vectors: p50 {e:.2f} ms over {len(exact)}")
+    print(
+        f"single query, exact IndexFlatIP over {flat.ntotal} float32 vectors: p50 {e:.2f} ms over {len(exact)}"
+    )
     print(f"speed-up over exact: {e / a:.1f}x")
 
 

@@ -187,6 +187,12 @@ def search(
     hits = None
     if model is None and pretrained is None and checkpoint is None and not rerank and not unique:
         hits = _search_on_server(db, query, str(image) if image else None, k)
+    own_model = model is None and pretrained is None and checkpoint is None
+    if hits is None and own_model and query and image is None and not rerank and device in ("auto", "cpu"):
+        from retrieval.pipelines.query import text_search
+
+        # the collection's own text tower in numpy, when cached: no torch, open_clip or image tower to load
+        hits = text_search(db, query, k, threshold if unique else None)
     if hits is None:
         from retrieval.pipelines import search as search_pipeline
         from retrieval.pipelines.model_choice import search_encoder

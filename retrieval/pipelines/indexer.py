@@ -179,6 +179,10 @@ class FolderIndexer:
         else:
             summary.index = self.collection.manifest.get("index", {})
         summary.total = self.store.count()
+        if self.models.encoder is not None:
+            from retrieval.models.text_numpy import export_quietly
+
+            export_quietly(self.models.encoder)  # text searches of this collection then need no torch
         self._set_scan_record(
             {
                 "roots": self.roots,

@@ -4,9 +4,7 @@ collection, with the collection's own model unless another is named (then it mus
 from __future__ import annotations
 
 import os
-import re
 import sys
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -15,46 +13,14 @@ import torch
 from indexes.collection import Collection
 from indexes.manifest import check_model
 from retrieval.config import EncoderConfig
-from retrieval.data.images import IMAGE_EXTENSIONS, ImageDecodeError, load_for_model
+from retrieval.data.images import ImageDecodeError, load_for_model
 from retrieval.errors import UserError
+from retrieval.models import text_numpy
 from retrieval.models.encoders import Encoder, load_encoder
 from retrieval.pipelines.collection_tools import unique_hits
 from retrieval.pipelines.model_choice import collection_encoder
+from retrieval.pipelines.query import QueryTerm, parse_query
 from retrieval.pipelines.rerank import load_reranker, rerank_hits, rerank_text
-
-_SPLIT = re.compile(r"\s+([+-])\s+")  # operators need spaces around them, so "t-shirt" stays one term
-_WEIGHT = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*:\s*(.+)$")
-
-
-@dataclass(frozen=True)
-class QueryTerm:
-    weight: float
-    text: str | None = None
-    image: str | None = None  # a path: a term naming an existing image file is an image query
-
-
-def parse_query(query: str, files: bool = True) -> list[QueryTerm]:
-    """files=False: every term is text, even one naming an image file (a server must not read its own files
-    on a client's say-so)."""
-    query = query.strip()
-    if not query:
-        raise UserError("empty query: give some text, or --image FILE")
-    sign, rest = 1.0, query
-    if rest.startswith("- "):
-        sign, rest = -1.0, rest[2:]
-    parts = _SPLIT.split(rest)
-    terms, signs = parts[0::2], [sign] + [1.0 if op == "+" else -1.0 for op in parts[1::2]]
-    out = []
-    for term, s in zip(terms, signs, strict=True):
-        weight = 1.0
-        if m := _WEIGHT.match(term):
-            weight, term = float(m.group(1)), m.group(2)
-        term = term.strip()
-        if not term:
-            raise UserError(f"query {query!r}: an operator has nothing after it")
-        is_image = files and os.path.isfile(term) and os.path.splitext(term)[1].lower() in IMAGE_EXTENSIONS
-        out.append(QueryTerm(s * weight, image=term) if is_image else QueryTerm(s * weight, text=term))
-    return out
 
 
 def encode_image_file(encoder: Encoder, path: str) -> torch.Tensor:
@@ -117,6 +83,8 @@ def search(
     if encoder_cfg is None:
         encoder_cfg = encoder_config_for(collection, device)
         encoder = load_encoder(encoder_cfg, text_only=text_only)
+        if text_only:
+            text_numpy.export_quietly(encoder)  # the next text search of this collection needs no torch
     else:
         encoder = load_encoder(encoder_cfg, text_only=text_only)
         check_model(db, collection.model, encoder.identity)

@@ -88,7 +88,7 @@ def invoke(runner, *args):
 
 def run_cli(*args, **kw):
     """The real console entry point in a fresh process (what a user's shell does)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**kw.pop("env", os.environ), "HF_HUB_OFFLINE": "1"}
     return subprocess.run(
         [sys.executable, "-m", "cli.main", *map(str, args)], capture_output=True, text=True, env=env, **kw
     )

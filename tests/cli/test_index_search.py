@@ -1,5 +1,7 @@
 import json
 import os
+import subprocess
+import sys
 import time
 
 from indexes.manifest import read_manifest
@@ -92,9 +94,28 @@ def test_bad_input_is_one_line_exit_2(runner, tmp_path):
 
 
 def test_cold_cli_index_and_search(tmp_path):
+    """A fresh process per command, as a user's shell runs them. The index run caches the model's text tower in
+    numpy; a text search then answers without importing torch, with the hits the torch path gives."""
     folder, db = tmp_path / "photos", tmp_path / "db"
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
     make_images(folder, 10)
-    assert run_cli("index", folder, "--db", db, *MODEL, "-q").returncode == 0
-    out = run_cli("search", "something", "--db", db, "-k", "3", "--json")
-    assert out.returncode == 0, out.stderr
-    assert len(json.loads(out.stdout)) == 3
+    assert run_cli("index", folder, "--db", db, *MODEL, "-q", env={**os.environ, **env}).returncode == 0
+    assert list((tmp_path / "cache" / "retrieval" / "text-towers").glob("*/tower.json"))
+    code = (
+        "import json, sys; from cli.main import app\n"
+        "try:\n    app(sys.argv[1:])\n"
+        "except SystemExit as e:\n    assert not e.code, e.code\n"
+        "print(json.dumps(sorted(m for m in ('torch', 'open_clip', 'lancedb') if m in sys.modules)), file=sys.stderr)"
+    )
+    args = ["search", "a red square + blue", "--db", str(db), "-k", "3", "--json"]
+    quick = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, env={**os.environ, **env}
+    )
+    assert quick.returncode == 0, quick.stderr
+    assert json.loads(quick.stderr.strip().splitlines()[-1]) == ["lancedb"]  # no torch, no open_clip
+    # the torch path: the model named in full
+    full = run_cli(*args, *MODEL)
+    assert full.returncode == 0, full.stderr
+    fast, slow = json.loads(quick.stdout), json.loads(full.stdout)
+    assert [h["path"] for h in fast] == [h["path"] for h in slow] and len(fast) == 3
+    assert all(abs(a["score"] - b["score"]) < 1e-4 for a, b in zip(fast, slow, strict=True))
