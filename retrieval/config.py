@@ -6,13 +6,21 @@ Run configs (JSON files and `--set key=value`) load into these through `from_dic
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from retrieval.errors import UserError
 
 T = TypeVar("T")
+
+
+def cache_dir() -> Path:
+    """The toolkit's cache (remembered digests, text towers): $XDG_CACHE_HOME/retrieval, else ~/.cache/retrieval."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "retrieval"
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,10 @@ import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import torch
+
+from retrieval.config import cache_dir
 
 _DIGEST_ENTRIES = 256  # digests remembered; the oldest are forgotten first
 
@@ -54,11 +55,6 @@ def is_visual(name: str) -> bool:
     return name.startswith("visual.")
 
 
-def _cache_file() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "retrieval" / "digests.json"
-
-
 def _digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
@@ -73,7 +69,7 @@ def cached_digest(path: str | os.PathLike) -> str:
     real = os.path.realpath(path)
     st = os.stat(real)
     stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
-    cache = _cache_file()
+    cache = cache_dir() / "digests.json"
     try:
         entries = json.loads(cache.read_text())
         if not isinstance(entries, dict):

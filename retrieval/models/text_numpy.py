@@ -27,14 +27,15 @@ from typing import Any
 
 import numpy as np
 
+from retrieval.config import cache_dir
+
 FORMAT = 1
 _SAMPLES = ["a red circle", "Dog + beach - night!", "naïve café 東京 can't &amp; won't", "x" * 200, ""]
 _erf = np.frompyfunc(math.erf, 1, 1)
 
 
 def _root() -> Path:
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "retrieval" / "text-towers"
+    return cache_dir() / "text-towers"
 
 
 def cache_key(identity: dict[str, Any]) -> str | None:

@@ -7,10 +7,13 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from retrieval.data.scan import IMAGE_EXTENSIONS
 from retrieval.errors import UserError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 _SPLIT = re.compile(r"\s+([+-])\s+")  # operators need spaces around them, so "t-shirt" stays one term
 _WEIGHT = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*:\s*(.+)$")
@@ -66,11 +69,16 @@ def text_search(
     tower = text_numpy.load(collection.model)
     if tower is None:
         return None
+    vector = combine([t.weight for t in terms], tower.encode([t.text for t in terms]))
+    return unique_hits(collection, vector[None], k, unique)[0]
+
+
+def combine(weights: list[float], feats) -> np.ndarray:
+    """Weighted sum of normalised term embeddings (T, D), normalised again: the query's (D,) float32 vector."""
     import numpy as np
 
-    feats = tower.encode([t.text for t in terms])  # (T, D), each normalised
-    total = (np.asarray([t.weight for t in terms], np.float32)[:, None] * feats).sum(0)
+    total = (np.asarray(weights, np.float32)[:, None] * np.asarray(feats, np.float32)).sum(0)
     norm = float(np.linalg.norm(total))
     if norm == 0:
         raise UserError("the query terms cancel out; change the weights")
-    return unique_hits(collection, (total / norm).astype(np.float32)[None], k, unique)[0]
+    return (total / norm).astype(np.float32)

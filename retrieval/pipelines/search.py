@@ -19,7 +19,7 @@ from retrieval.models import text_numpy
 from retrieval.models.encoders import Encoder, load_encoder
 from retrieval.pipelines.collection_tools import unique_hits
 from retrieval.pipelines.model_choice import collection_encoder
-from retrieval.pipelines.query import QueryTerm, parse_query
+from retrieval.pipelines.query import QueryTerm, combine, parse_query
 from retrieval.pipelines.rerank import load_reranker, rerank_hits, rerank_text
 
 
@@ -34,18 +34,12 @@ def encode_image_file(encoder: Encoder, path: str) -> torch.Tensor:
 
 
 def query_vector(encoder: Encoder, terms: list[QueryTerm]) -> np.ndarray:
-    """Weighted sum of normalised term embeddings, normalised again: (D,) float32."""
+    """Weighted sum of normalised term embeddings, normalised again: (D,) float32 (query.combine)."""
     texts = [t for t in terms if t.text is not None]
-    total = torch.zeros(encoder.embed_dim)
-    if texts:
-        feats = encoder.encode_texts([t.text for t in texts])  # (T, D)
-        total += (torch.tensor([t.weight for t in texts])[:, None] * feats).sum(0)
-    for t in terms:
-        if t.image is not None:
-            total += t.weight * encode_image_file(encoder, t.image)
-    if total.norm() == 0:
-        raise UserError("the query terms cancel out; change the weights")
-    return torch.nn.functional.normalize(total, dim=0).numpy().astype(np.float32)
+    images = [t for t in terms if t.image is not None]
+    feats = [encoder.encode_texts([t.text for t in texts])] if texts else []  # (T, D)
+    feats += [encode_image_file(encoder, t.image)[None] for t in images]  # (1, D) each
+    return combine([t.weight for t in texts + images], torch.cat(feats).numpy())
 
 
 def encoder_config_for(collection: Collection, device: str = "auto") -> EncoderConfig:

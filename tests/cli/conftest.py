@@ -11,6 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli.main import app
+from tests.tiny_train import TINY_MODEL
 
 BROKEN = {"truncated.jpg", "empty.png", "notes.jpg"}
 
@@ -45,13 +46,7 @@ def add_broken(folder: Path) -> None:
 
 # a tiny training configuration: seconds per run on 2 cores, every phase of training included
 TINY = [
-    "model.arch=test-micro",
-    "model.fusion.width=32",
-    "model.fusion.layers=1",
-    "model.fusion.heads=2",
-    "batch_size=16",
-    "log_every=1",
-    "optim.warmup_steps=2",
+    *TINY_MODEL,
     "refine.steps=3",  # the ITM refinement stage runs too (on rank 0 alone under torchrun)
     "refine.batch_size=8",
 ]

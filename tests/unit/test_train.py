@@ -9,16 +9,11 @@ from retrieval.errors import UserError
 from retrieval.train.config import load_train_config
 from retrieval.train.loop import train
 from retrieval.train.refine_cache import RefineCache
+from tests.tiny_train import TINY_MODEL
 
 TINY = [
-    "model.arch=test-micro",
-    "model.fusion.width=32",
-    "model.fusion.layers=1",
-    "model.fusion.heads=2",
-    "batch_size=16",
-    "log_every=1",
+    *TINY_MODEL,
     "save_every=2",
-    "optim.warmup_steps=2",
     "refine.steps=0",
     "objectives.joint_itm=true",  # these tests train ITM in the joint run; the default leaves it to the stage
 ]
