@@ -148,7 +148,8 @@ def create_app(engine: Engine, on_start=None, on_stop=None) -> FastAPI:
     async def search_vector(body: VectorQuery) -> list[dict[str, Any]]:
         import numpy as np
 
-        vector = np.asarray(body.vector, np.float32)
+        with np.errstate(over="ignore"):  # a float beyond float32 becomes inf, refused just below
+            vector = np.asarray(body.vector, np.float32)
         if vector.shape != (engine.dim,) or not np.isfinite(vector).all() or not np.any(vector):
             raise HTTPException(422, f"vector: expected {engine.dim} finite numbers, not all zero")
         return await run(SearchQuery(k=check_k(body.k), vector=vector))

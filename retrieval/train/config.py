@@ -73,8 +73,9 @@ class RefineConfig:
     itm_weight: float = 2.0  # in-batch ITM cross-entropy: keeps the head calibrated for re-ranking
     binding_weight: float = 2.0  # caption ranked over one attribute/noun-swapped twin (negatives.py)
     relation_terms: str = "auto"  # auto | on | off: the relation, mirror and square terms, which need
-    # captions naming a spatial relation between two phrases; auto: on when relation_share of them do
-    relation_share: float = 0.3  # share of captions with a reversible relation that turns relation_terms on
+    # captions naming a spatial relation; auto: on when relation_share of them name one the relation lexicon
+    # reads, or (any wording) say left or right
+    relation_share: float = 0.3  # share of captions (either kind, counted apart) that turns relation_terms on
     relation_weight: float = 4.0  # caption ranked over its opposite-relation twin: a relation's direction
     mirror_weight: float = 4.0  # the caption's image ranked over its mirror twin (train/twins.py)
     square_weight: float = 4.0  # the mirror with the opposite-relation caption (a true pair) ranked over the

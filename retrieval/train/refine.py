@@ -33,22 +33,28 @@ from retrieval.train.itm import itm_forward
 from retrieval.train.negatives import relation_opposite
 from retrieval.train.optim import fused_adamw
 from retrieval.train.refine_cache import RefineCache
-from retrieval.train.twins import VERTICAL
+from retrieval.train.twins import VERTICAL, directional
 
 _SAMPLE = 5000  # captions read to decide on the relation terms
 
 
 def relation_terms(captions: Sequence[str], rc: RefineConfig, seed: int = 0) -> tuple[bool, bool, str]:
     """(relation terms on, vertical mirrors on, why) for refine.relation_terms / vertical_mirrors. auto: on when
-    at least rc.relation_share of (a sample of) the captions name a reversible relation between two phrases;
-    photo captions rarely do, and their incidental "right hand" or "top of the hill" is no such relation."""
+    at least rc.relation_share of (a sample of) the captions name a reversible relation between two phrases, or
+    name left or right in any wording ("left: a red circle; right: ..."), whose mirror reverses it. Each share is
+    measured on its own: photo captions rarely reach either, and their incidental "right hand" or "top of the
+    hill" is no such relation."""
     sample = (
         list(captions) if len(captions) <= _SAMPLE else random.Random(seed).sample(list(captions), _SAMPLE)
     )
-    share = sum(relation_opposite(c) is not None for c in sample) / max(1, len(sample))
+    phrases = sum(relation_opposite(c) is not None for c in sample) / max(1, len(sample))
+    sides = sum(directional(c, vertical=False) for c in sample) / max(1, len(sample))
     if rc.relation_terms == "auto":
-        on = share >= rc.relation_share
-        why = f"auto: {share:.0%} of captions name a spatial relation ({'>=' if on else '<'} {rc.relation_share:.0%})"
+        on = max(phrases, sides) >= rc.relation_share
+        why = (
+            f"auto: {phrases:.0%} of captions name a spatial relation, {sides:.0%} name left or right "
+            f"({'>=' if on else 'both <'} {rc.relation_share:.0%})"
+        )
     else:
         on, why = rc.relation_terms == "on", f"refine.relation_terms={rc.relation_terms}"
     vertical = on if rc.vertical_mirrors == "auto" else rc.vertical_mirrors == "on"

@@ -17,8 +17,8 @@ from retrieval.models.towers import text_mask
 from retrieval.progress import progress_bar
 from retrieval.train.config import TrainConfig
 from retrieval.train.data import TrainData
-from retrieval.train.negatives import binding_candidates, relation_opposite
-from retrieval.train.twins import directional, mirror, mirror_pixels
+from retrieval.train.negatives import binding_candidates
+from retrieval.train.twins import directional, mirror, mirror_pixels, opposite_caption
 
 _CHUNK = 256  # images or texts per tower pass while filling the cache
 
@@ -63,7 +63,7 @@ class RefineCache:
             if caption not in slot_of and vocabulary is None:
                 twin, found = None, []
             elif caption not in slot_of:
-                twin = relation_opposite(caption) if relations else None
+                twin = opposite_caption(caption, vertical) if relations else None
                 twin = twin if twin is not None and vocabulary.allows(twin) else None
                 found = [c for c in binding_candidates(caption) if vocabulary.allows(c)]
                 cost += (2 + len(found)) * text_bytes

@@ -21,6 +21,8 @@ import re
 
 import torch
 
+from retrieval.train.negatives import relation_opposite
+
 HORIZONTAL = {"left": "right", "right": "left", "leftmost": "rightmost", "rightmost": "leftmost"}
 VERTICAL = {
     "above": "below",
@@ -74,3 +76,13 @@ def mirror_pixels(pixels: torch.Tensor, flip_h: bool, flip_v: bool) -> torch.Ten
     """(3, H, W) -> the same flipped along W (horizontal) and/or H (vertical)."""
     dims = [d for d, on in ((-1, flip_h), (-2, flip_v)) if on]
     return pixels.flip(dims) if dims else pixels
+
+
+def opposite_caption(caption: str, vertical: bool) -> str | None:
+    """The caption with its relation reversed: by the relation lexicon (negatives.relation_opposite), else by
+    swapping its direction words (left <-> right, and above <-> below with vertical mirrors), which reverses a
+    relation in any wording; None when it names none."""
+    found = relation_opposite(caption)
+    if found is None and directional(caption, vertical):
+        found = mirror(caption, vertical)[0]
+    return found

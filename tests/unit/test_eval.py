@@ -258,7 +258,7 @@ def test_binding_matches_a_direct_computation(heldout: list[Pair]) -> None:
 
     assert result["binding"] == pytest.approx(binding_accuracy(*split(itm)), abs=1e-9)
     assert result["binding.itc"] == pytest.approx(binding_accuracy(*split(itc)), abs=1e-9)
-    scale = float(model.logit_scale.exp())
+    scale = float(model.logit_scale.detach().exp())
     fused = [rerank_score(c, m, scale) for c, m in zip(itc, itm, strict=True)]  # what re-ranking sorts by
     assert result["binding.rerank"] == pytest.approx(binding_accuracy(*split(fused)), abs=1e-9)
     assert {k for ks in kinds for k in ks[1:]} == {"color", "shape", "size", "relation"}

@@ -20,6 +20,7 @@ from retrieval.train.data import BatchPlan, TrainData
 from retrieval.train.loop import train
 from retrieval.train.optim import param_groups
 from retrieval.train.refine import relation_terms
+from retrieval.train.twins import opposite_caption
 
 TINY = [
     "model.arch=test-micro",
@@ -184,6 +185,25 @@ def test_relation_terms_turn_on_for_scene_grammar_and_stay_off_for_photo_caption
     on, vertical, why = relation_terms(photos, RefineConfig())
     assert not on and not vertical and "25%" in why
     assert relation_terms(photos, RefineConfig(relation_terms="on"))[0]
+    # a wording the relation lexicon cannot read still turns them on through its left/right words
+    listed = ["left: a red circle; right: a blue square", "a green cross with a red circle at its right"]
+    on, _, why = relation_terms(listed + photos[2:], RefineConfig())
+    assert on and "50% name left or right" in why
+
+
+def test_opposite_caption_reverses_a_relation_in_any_wording():
+    assert (
+        opposite_caption("a red circle left of a blue square", False) == "a red circle right of a blue square"
+    )
+    assert (
+        opposite_caption("left: red circle; right: blue cross", False)
+        == "right: red circle; left: blue cross"
+    )
+    assert (
+        opposite_caption("a cross with a circle at its Left", False) == "a cross with a circle at its Right"
+    )
+    assert opposite_caption("a circle higher than a square", True) is None  # no word it knows
+    assert opposite_caption("a small red circle", True) is None
 
 
 def _shards(coco, out, n_shards):
