@@ -72,3 +72,94 @@ def caption_metrics(pairs: Path | None, captioner: Path, limit: int | None, devi
         raise UserError("eval --captioner needs PAIRS: the images to caption and their reference captions")
     model, _, _ = load_captioner(captioner)
     return evaluate_captioner(model, str(pairs), limit=limit, device=resolve_device(device), progress=True)
+
+
+@handle_errors
+def bootstrap(
+    pairs: Annotated[Path, typer.Argument(help="Pairs to bootstrap: JSONL/CSV/TSV/parquet or WebDataset tars")],
+    out: Annotated[Path, typer.Option("--out", help="Directory for the bootstrapped dataset and its report")],
+    captioner: Annotated[
+        Path | None, typer.Option("--captioner", help="Captioner checkpoint (none: web captions only)")
+    ] = None,
+    filter_: Annotated[
+        Path | None, typer.Option("--filter", help="Checkpoint with an ITM head (none: keep everything)")
+    ] = None,
+    threshold: Annotated[
+        float | None, typer.Option("--threshold", help="Keep captions with ITM >= this [default: calibrated]")
+    ] = None,
+    samples: Annotated[int, typer.Option("--samples", min=0, help="Synthetic captions per image")] = 3,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling top-p")] = 0.9,
+    shard_images: Annotated[int, typer.Option("--shard-images", min=1, help="Images per shard")] = 256,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N]")] = "auto",
+    json_out: Annotated[bool, typer.Option("--json", help="The report as JSON on stdout")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar")] = False,
+) -> None:
+    """CapFilt: score web captions with the filter, add the captioner's synthetic captions, keep what passes.
+    Resumable: a re-run skips finished shards."""
+    from retrieval.errors import UserError
+    from retrieval.pipelines.bootstrap import BootstrapConfig
+    from retrieval.pipelines.bootstrap import bootstrap as run
+
+    if captioner is None and filter_ is None:
+        raise UserError("bootstrap needs --captioner, --filter or both")
+    if threshold is not None and not 0 <= threshold <= 1:
+        raise UserError(f"--threshold {threshold}: an ITM probability in [0, 1]")
+    cfg = BootstrapConfig(samples=samples, threshold=threshold, top_p=top_p, shard_images=shard_images,
+                          seed=seed, device=device)
+    report = run(str(pairs), out, str(captioner) if captioner else None, str(filter_) if filter_ else None, cfg,
+                 progress=not quiet)
+    if json_out:
+        typer.echo(json.dumps(report))
+        return
+    typer.echo(
+        f"{out}: web captions kept {report['web_kept']}, dropped {report['web_dropped']}; synthetic kept "
+        f"{report['synthetic_kept']} (threshold {report['threshold']})", err=True
+    )
+
+
+@handle_errors
+def capfilt(
+    noisy: Annotated[Path, typer.Argument(help="The noisy (web) pairs to clean")],
+    clean: Annotated[Path, typer.Option("--clean", help="A small clean pairs set to fine-tune on")],
+    out: Annotated[Path, typer.Option("--out", help="Directory for every stage's output (resumable)")],
+    eval_pairs: Annotated[
+        Path | None, typer.Option("--eval", help="Held-out pairs: recall and caption metrics in the report")
+    ] = None,
+    arch: Annotated[str, typer.Option("--arch", help="Architecture of the trained models")] = "tiny-cvit-64",
+    steps: Annotated[int, typer.Option("--steps", min=1, help="ITC steps of the pretrained and final models")] = 300,
+    refine_steps: Annotated[int, typer.Option("--refine-steps", min=1, help="Their ITM refinement steps")] = 200,
+    filter_steps: Annotated[int, typer.Option("--filter-steps", min=1, help="Filter fine-tuning steps")] = 150,
+    captioner_steps: Annotated[int, typer.Option("--captioner-steps", min=1)] = 500,
+    samples: Annotated[int, typer.Option("--samples", min=0, help="Synthetic captions per image")] = 2,
+    threshold: Annotated[
+        float | None, typer.Option("--threshold", help="Filter threshold [default: calibrated on --clean]")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="key=value for every retrieval training stage")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N]")] = "auto",
+    json_out: Annotated[bool, typer.Option("--json", help="The report as JSON on stdout")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars")] = False,
+) -> None:
+    """The whole BLIP CapFilt loop: pretrain on the noisy pairs, fine-tune a filter and a captioner on the clean
+    set, bootstrap the noisy set, train a fresh model on it and evaluate. Re-run to resume."""
+    from retrieval.pipelines.bootstrap import BootstrapConfig
+    from retrieval.pipelines.capfilt import CapfiltConfig, check_inputs
+    from retrieval.pipelines.capfilt import capfilt as run
+
+    check_inputs(str(noisy), str(clean))
+    cfg = CapfiltConfig(
+        arch=arch, pretrain_steps=steps, pretrain_refine=refine_steps, filter_steps=filter_steps,
+        filter_refine=filter_steps, captioner_steps=captioner_steps,
+        bootstrap=BootstrapConfig(samples=samples, threshold=threshold, seed=seed, device=device),
+        eval_pairs=str(eval_pairs) if eval_pairs else None, overrides=tuple(set_ or []), seed=seed,
+    )
+    report = run(str(noisy), str(clean), out, cfg, progress=not quiet)
+    if json_out:
+        typer.echo(json.dumps(report))
+        return
+    b = report["bootstrap"]
+    typer.echo(f"{out}: web kept {b['web_kept']}, dropped {b['web_dropped']}, synthetic kept "
+               f"{b['synthetic_kept']}; {report['cpu_s']} CPU-s; report in {out / 'report.json'}", err=True)

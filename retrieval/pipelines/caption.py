@@ -22,9 +22,9 @@ def image_size(model: Captioner) -> int:
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
-def pixels_of(model: Captioner, sources: Sequence[str | bytes]) -> tuple[torch.Tensor, list[int]]:
+def pixels_of(size: int, sources: Sequence[str | bytes]) -> tuple[torch.Tensor, list[int]]:
     """(B', 3, S, S) uint8 of the images that decode, and the indices of those that do."""
-    size, arrays, ok = image_size(model), [], []
+    arrays, ok = [], []
     for i, src in enumerate(sources):
         try:
             arr, _, _ = load_for_model(src, size)
@@ -70,7 +70,7 @@ def caption_pairs(
     bar = progress_bar(desc="caption", unit="img", enabled=progress, total=len(pairs))
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        pixels, ok = pixels_of(model, [p.image for p in chunk])
+        pixels, ok = pixels_of(image_size(model), [p.image for p in chunk])
         if ok:
             for i, text in zip(ok, caption_pixels(model, pixels, gen, device), strict=True):
                 out[start + i] = text
@@ -89,7 +89,7 @@ def caption_files(
     bar = progress_bar(desc="caption", unit="img", enabled=progress, total=len(paths))
     for start in range(0, len(paths), batch_size):
         chunk = [str(p) for p in paths[start : start + batch_size]]
-        pixels, ok = pixels_of(model, chunk)
+        pixels, ok = pixels_of(image_size(model), chunk)
         texts = dict(zip(ok, caption_pixels(model, pixels, gen, device), strict=True)) if ok else {}
         results += [Captioned(p, texts.get(i), None if i in texts else "undecodable image") for i, p in enumerate(chunk)]
         bar.update(len(chunk))
