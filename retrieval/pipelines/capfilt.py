@@ -90,7 +90,7 @@ def capfilt(noisy: str, clean: str, out: str | Path, cfg: CapfiltConfig = Capfil
     def timed(name: str, fn):
         t0, c0 = time.perf_counter(), time.process_time()
         result = fn()
-        stages[name] = {"result": result, "wall_s": round(time.perf_counter() - t0, 1),
+        stages[name] = {"result": result if isinstance(result, str) else "done", "wall_s": round(time.perf_counter() - t0, 1),
                         "cpu_s": round(time.process_time() - c0, 1)}
         return result
 

@@ -89,6 +89,7 @@ def train_captioner(
     plan = BatchPlan(images.valid, cfg.batch_size, cfg.seed)
     data = TrainData(groups, images, lambda texts: model.tokenize(texts), plan, False)
     task = CaptionTask(model, model.cfg, cfg.seed).to(device)
+    torch.manual_seed(cfg.seed + 1)  # dropout draws: a fresh run repeats itself; a resumed one restores them
     params = [p for p in task.parameters() if p.requires_grad]
     groups_ = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.optim.weight_decay},
