@@ -41,14 +41,17 @@ class CaptionTask(nn.Module):
         self.model, self.cfg = model, cfg
         self.sampler = torch.Generator().manual_seed(seed + 23)
 
-    def forward(self, images: Tensor, tokens: Tensor) -> dict[str, Tensor]:
-        """images (B, 3, S, S) normalised, tokens (B, L) BOS ... EOS PAD..."""
+    def forward(self, images: Tensor, tokens: Tensor, image_tokens: Tensor | None = None) -> dict[str, Tensor]:
+        """images (B, 3, S, S) normalised, tokens (B, L) BOS ... EOS PAD...; image_tokens (B, N, Wv): the frozen
+        tower's output, cached (then images is unused)."""
         inputs = tokens[:, :-1]  # (B, L-1)
         if self.training and self.cfg.word_dropout > 0:
             drop = torch.rand(inputs.shape, generator=self.sampler) < self.cfg.word_dropout  # (B, L-1)
             drop &= inputs > UNK  # words only: BOS and padding stay
             inputs = inputs.masked_fill(drop.to(inputs.device), UNK)
-        memory = self.model.decoder.memory(self.model.image_tokens(images))
+        if image_tokens is None:
+            image_tokens = self.model.image_tokens(images)  # (B, N, Wv)
+        memory = self.model.decoder.memory(image_tokens)
         logits = self.model.decoder(inputs, memory)  # (B, L-1, V)
         out = lm_loss(logits, tokens, self.cfg.label_smoothing)
         out["loss"] = out["lm"]
@@ -125,15 +128,20 @@ def _steps(task, data, opt, sched, cfg, device, start, last, out, arch, source, 
     pre = task.model.clip.visual.preprocess_cfg
     window: dict[str, float] = {}
     t0, done, last_saved = time.perf_counter(), start, start
-    batches = data.batches(start)
+    cache = _token_cache(task.model, data, device, progress) if task.cfg.freeze_image else None
+    batches = data.batches(start) if cache is None else _cached_batches(data, cache, start)
     try:
         for step in range(start + 1, last + 1):
             task.train()
             if task.cfg.freeze_image:
                 task.model.clip.eval()
             batch = next(batches)
-            x = normalize(batch.pixels, pre["mean"], pre["std"], device)
-            losses = task(x, batch.tokens.to(device))
+            if cache is None:
+                x = normalize(batch.pixels, pre["mean"], pre["std"], device)
+                losses = task(x, batch.tokens.to(device))
+            else:
+                image_tokens, tokens = batch
+                losses = task(None, tokens.to(device), image_tokens.to(device))
             losses["loss"].backward()
             if cfg.optim.grad_clip:
                 torch.nn.utils.clip_grad_norm_(task.parameters(), cfg.optim.grad_clip)
@@ -166,6 +174,39 @@ def _steps(task, data, opt, sched, cfg, device, start, last, out, arch, source, 
         ) from None
     bar.close()
     return done
+
+
+@torch.inference_mode()
+def _token_cache(model: Captioner, data: TrainData, device, progress: bool, batch: int = 128) -> Tensor:
+    """(I, N, Wv) the frozen tower's tokens of every training image, computed once: a frozen tower gives the
+    same tokens every epoch (no augmentation here), so the steps run the decoder alone."""
+    pre = model.clip.visual.preprocess_cfg
+    n = len(data.groups)
+    model.clip.eval()
+    chunks = []
+    for s in progress_bar(range(0, n, batch), "image tokens", "batch", progress):
+        idx = torch.arange(s, min(n, s + batch))
+        pixels = torch.stack([_pixels(data, int(i)) for i in idx])  # (b, 3, S, S)
+        chunks.append(model.image_tokens(normalize(pixels, pre["mean"], pre["std"], device)).cpu())
+    return torch.cat(chunks)  # (I, N, Wv)
+
+
+def _pixels(data: TrainData, i: int) -> Tensor:
+    image = data.images[i]
+    if image is None:  # undecodable: never drawn by the batch plan, a placeholder keeps the table dense
+        size = data.images.size
+        return torch.zeros(3, size, size, dtype=torch.uint8)
+    return image
+
+
+def _cached_batches(data: TrainData, cache: Tensor, start: int):
+    """The batches TrainData.batch would give (same images, same captions), with cached image tokens."""
+    m = start
+    while True:
+        idx = data.plan(m)  # (B,)
+        chosen = data.pick_captions(idx, data.plan.step_seed(m, salt=29))  # (B,)
+        yield cache[idx], data.tokens[chosen].long()
+        m += 1
 
 
 def _checkpoint(out, task, opt, sched, arch, source, cfg, step, metrics, state: bool = True) -> None:
