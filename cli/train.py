@@ -33,15 +33,21 @@ def train(
         int | None, typer.Option("--stop-after", min=1, help="Stop after this step (resume later)")
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar")] = False,
+    task: Annotated[
+        str | None,
+        typer.Option("--task", help="itc_itm (the retrieval model) or caption (the captioner, objective lm)"),
+    ] = None,
 ) -> None:
-    """Train an ITC + ITM (ALBEF-style) model on image-text pairs. Multi-process: torchrun -m cli.main train ..."""
+    """Train an ITC + ITM (ALBEF-style) model, or a captioner (--task caption), on image-text pairs.
+    Multi-process: torchrun -m cli.main train ..."""
     from retrieval.train.config import load_train_config
     from retrieval.train.loop import train as run
 
     saved = out / "train_config.json"
     if resume and config is None and saved.exists():
         config = saved  # the run's own settings; --set still overrides (e.g. a longer refine.steps)
-    cfg = load_train_config(config, set_ or [])
+    overrides = [f"task={'caption' if task == 'lm' else task}"] if task else []
+    cfg = load_train_config(config, [*overrides, *(set_ or [])])
     result = run(str(pairs), out, cfg, resume=resume, progress=not quiet, stop_after=stop_after)
     typer.echo(f"checkpoint: {result['out']} (step {result['steps']})", err=True)
 
@@ -71,10 +77,23 @@ def evaluate(
     ] = "openai",
     device: Annotated[str, typer.Option("--device")] = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="JSON on stdout, nothing else")] = False,
+    captioner: Annotated[
+        Path | None,
+        typer.Option("--captioner", help="A captioner checkpoint: BLEU-4, CIDEr and synth correctness on PAIRS"),
+    ] = None,
 ) -> None:
-    """Recall@1/5/10 both ways, after ITM re-ranking of the top K, attribute binding, zero-shot accuracy."""
+    """Recall@1/5/10 both ways, after ITM re-ranking of the top K, attribute binding, zero-shot accuracy;
+    caption metrics with --captioner."""
     from retrieval.errors import UserError
 
+    captions: dict = {}
+    if captioner is not None:
+        from cli.caption import caption_metrics
+
+        captions = caption_metrics(pairs, captioner, limit, device)
+        if checkpoint is None:
+            _print(captions, json_out)
+            return
     if checkpoint is None:
         raise UserError("eval needs --checkpoint DIR, a checkpoint trained with `retrieval train`")
     from retrieval.eval.binding import BindingConfig
@@ -92,6 +111,10 @@ def evaluate(
         classes=ZeroShotConfig(templates=templates),
     )
     result = evaluate_checkpoint(checkpoint, cfg)
+    _print({**result, **captions}, json_out)
+
+
+def _print(result: dict, json_out: bool) -> None:
     if json_out:
         typer.echo(json.dumps(result))
     else:

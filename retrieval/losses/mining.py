@@ -31,7 +31,8 @@ def sample_negatives(
     non-positives; hard=False samples uniformly over them. uniform in [0, 1] mixes the two: with hard=True,
     p = (1 - uniform) * softmax + uniform * uniform-over-negatives (a floor of easy negatives, so a fusion
     encoder learning from scratch sees pairs it can tell apart). `generator` must live on sim's device.
-    Returns (B,) long column indices.
+    Returns (B,) long column indices; -1 for a row whose candidates are all positives (images that share one
+    caption, as bootstrapped datasets have many): the caller leaves that row's negative out.
     """
     if sim.dim() != 2 or sim.shape != positive_mask.shape:
         raise ValueError(
@@ -40,15 +41,11 @@ def sample_negatives(
     if positive_mask.dtype != torch.bool:
         raise ValueError(f"positive_mask must be a bool tensor, got {positive_mask.dtype}")
     allowed = ~positive_mask  # (B, N)
-    empty_rows = (~allowed.any(dim=1)).nonzero().flatten()
-    if empty_rows.numel():
-        shown = ", ".join(str(r) for r in empty_rows[:10].tolist())
-        raise ValueError(
-            f"no negative candidate for row(s) {shown}: every candidate is a positive "
-            "(a batch of one, or a batch whose items all share one id, has nothing to contrast against)"
-        )
+    empty = ~allowed.any(dim=1)  # (B,) rows with nothing to contrast against
     if not 0.0 <= uniform <= 1.0:
         raise ValueError(f"uniform must be in [0, 1], got {uniform}")
+    if bool(empty.any()):
+        allowed = allowed | empty[:, None]  # a placeholder draw for those rows, replaced by -1 below
     if not hard or uniform == 1.0:
         weights = allowed.float()  # (B, N); multinomial normalises each row
     else:
@@ -56,7 +53,8 @@ def sample_negatives(
         weights = soft / soft.sum(dim=1, keepdim=True)
         if uniform:
             weights = (1 - uniform) * weights + uniform * allowed.float() / allowed.sum(dim=1, keepdim=True)
-    return torch.multinomial(weights, 1, generator=generator).squeeze(1)  # (B,)
+    picked = torch.multinomial(weights, 1, generator=generator).squeeze(1)  # (B,)
+    return picked.masked_fill(empty, -1)
 
 
 def _softmax_weights(sim: Tensor, allowed: Tensor) -> Tensor:

@@ -13,9 +13,11 @@ from typing import Any
 
 from retrieval.config import from_dict
 from retrieval.errors import UserError
+from retrieval.models.captioner import CaptionerConfig
 from retrieval.models.fusion import FusionConfig
 
 FREEZE = ("none", "image", "text", "towers")
+TASKS = ("itc_itm", "caption")
 
 
 @dataclass(frozen=True)
@@ -92,10 +94,13 @@ class RefineConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    task: str = "itc_itm"  # itc_itm: the retrieval model (ITC + ITM); caption: the captioner (objective lm,
+    # train/caption.py), its image tower from model.init_checkpoint or model.arch
     model: ModelConfig = field(default_factory=ModelConfig)
     objectives: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
+    caption: CaptionerConfig = field(default_factory=CaptionerConfig)  # the captioner (task=caption)
     steps: int = 600  # optimizer steps (each of batch_size * grad_accum images); with the refinement stage
     # about 12 minutes on 2 idle CPU cores (docs/training.md)
     batch_size: int = 96  # images per micro-batch, each with one of its captions; the contrastive batch
@@ -207,12 +212,15 @@ def _with_preset(data: dict[str, Any]) -> dict[str, Any]:
         raise UserError(f"optim.preset={preset!r}: expected auto, scratch or finetune")
     if preset == "auto":
         model = from_dict(ModelConfig, data.get("model", {}), "model")
-        preset = "finetune" if pretrained_start(model) else "scratch"
+        # a captioner's decoder always starts fresh, whatever its image tower starts from
+        preset = "finetune" if pretrained_start(model) and data.get("task") != "caption" else "scratch"
     base = FINETUNE if preset == "finetune" else {}
     return _merged(_merged(base, data), {"optim": {"preset": preset}})
 
 
 def _check(cfg: TrainConfig) -> None:
+    if cfg.task not in TASKS:
+        raise UserError(f"task={cfg.task!r}: expected one of {', '.join(TASKS)}")
     if cfg.objectives.negatives not in ("hard", "random"):
         raise UserError(f"objectives.negatives={cfg.objectives.negatives!r}: expected hard or random")
     if not (cfg.objectives.itc or cfg.objectives.itm):

@@ -65,11 +65,13 @@ def itm_forward(
         neg_image = sample_negatives(
             sim_t2i, positives.T, hard=hard, uniform=uniform, generator=generator
         )  # (B,) per text
-    # One fused pass over [positives; (image i, negative text); (negative image, text i)].
+    # One fused pass over [positives; (image i, negative text); (negative image, text i)]; a row whose every
+    # in-batch candidate is a positive (-1) has no mined negative
     rows = torch.arange(b, device=text_tokens.device)
-    texts = [text_tokens, text_tokens[neg_text], text_tokens]
-    masks = [text_mask, text_mask[neg_text], text_mask]
-    images = [rows, rows, neg_image]  # which of the B images each row attends to
+    has_t, has_i = neg_text >= 0, neg_image >= 0  # (B,), (B,)
+    texts = [text_tokens, text_tokens[neg_text[has_t]], text_tokens[has_i]]
+    masks = [text_mask, text_mask[neg_text[has_t]], text_mask[has_i]]
+    images = [rows, rows[has_t], neg_image[has_i]]  # which of the B images each row attends to
     if negative_tokens is not None:
         keep = rows if negative_valid is None else negative_valid.nonzero().flatten()  # (V,)
         texts.append(negative_tokens[keep])

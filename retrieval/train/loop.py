@@ -49,6 +49,10 @@ def train(
 ):
     """Train to cfg.steps, or only up to `stop_after` (a time-sliced job; --resume continues it)."""
     out = Path(out)
+    if cfg.task == "caption":  # the captioner (objective lm): its own task and steps, the same files
+        from retrieval.train.caption import train_captioner
+
+        return train_captioner(pairs_source, out, cfg, resume, progress, stop_after)
     if not resume and saved.has_state(out):
         raise UserError(
             f"{out} already holds a training run; pass --resume to continue it, or choose another --out"

@@ -116,6 +116,23 @@ def test_itm_forward_negatives_respect_positive_mask() -> None:
         itm_forward(fusion, text, mask, image, torch.randn(b, 2 * b), sim, positives)
 
 
+def test_itm_forward_skips_rows_without_a_negative() -> None:
+    """Rows whose in-batch candidates are all positives (images sharing a caption) get no mined negative; the
+    step still runs (bootstrapped data made the sampler raise here)."""
+    torch.manual_seed(0)
+    b = 4
+    fusion = _SpyFusion(CFG)
+    text, _, image = _inputs(b=b)
+    mask = torch.ones(b, 5, dtype=torch.bool)
+    positives = torch.zeros(b, b, dtype=torch.bool)
+    positives[:3, :3] = True  # images 0-2 share one caption: only image/text 3 is a negative for them
+    out = itm_forward(fusion, text, mask, image, torch.randn(b, b), torch.randn(b, b), positives)
+    assert torch.isfinite(out["itm"])
+    all_pos = itm_forward(fusion, text, mask, image, torch.randn(b, b), torch.randn(b, b), torch.ones(b, b).bool())
+    texts, _ = fusion.seen
+    assert texts.shape[0] == b and torch.isfinite(all_pos["itm"])
+
+
 def _toy_batch(b: int, g: torch.Generator, concepts: tuple[torch.Tensor, torch.Tensor]):
     """Match iff the image's concept equals the text's concept; half the pairs match."""
     text_protos, image_protos = concepts

@@ -260,13 +260,15 @@ def test_easy_share_mixes_softmax_and_uniform_over_negatives() -> None:
         sample_negatives(sim, mask, uniform=1.5)
 
 
-def test_all_positive_row_raises() -> None:
+def test_all_positive_row_gets_no_negative() -> None:
+    """A row whose every candidate is a positive (images sharing captions, as in bootstrapped data) gets -1,
+    never a crash and never a positive; the other rows are sampled as usual."""
     mask = torch.zeros(3, 4, dtype=torch.bool)
     mask[1] = True
-    with pytest.raises(ValueError, match="row\\(s\\) 1"):
-        sample_negatives(torch.randn(3, 4), mask)
-    with pytest.raises(ValueError, match="row\\(s\\) 1"):
-        sample_negatives(torch.randn(3, 4), mask, hard=False)
+    for hard in (True, False):
+        idx = sample_negatives(torch.randn(3, 4), mask, hard=hard, generator=torch.Generator().manual_seed(0))
+        assert idx[1] == -1 and (idx[[0, 2]] >= 0).all()
+    assert (sample_negatives(torch.randn(2, 2), torch.ones(2, 2, dtype=torch.bool)) == -1).all()
 
 
 def test_sampling_survives_infinite_and_huge_sims() -> None:
