@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from cli import ask as ask_cmd
 from cli import collection, data, output
 from cli import serve as serve_cmd
 from cli import train as train_cmds
@@ -28,6 +29,7 @@ app.add_typer(data.app, name="data")
 app.command(name="train")(train_cmds.train)
 app.command(name="eval")(train_cmds.evaluate)
 app.command(name="serve")(serve_cmd.serve)
+app.command(name="ask")(ask_cmd.ask)
 app.command(name="info")(collection.info)
 app.command(name="export")(collection.export)
 app.command(name="dedup")(collection.dedup)

@@ -33,8 +33,22 @@ def train(
         int | None, typer.Option("--stop-after", min=1, help="Stop after this step (resume later)")
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar")] = False,
+    task: Annotated[
+        str, typer.Option("--task", help="retrieval (ITC + ITM) or vlm (connector + causal LLM, retrieval/train/vlm.py)")
+    ] = "retrieval",
+    vision: Annotated[
+        str | None, typer.Option("--vision", help="--task vlm: vision tower, a checkpoint DIR or an OpenCLIP ARCH[:TAG]")
+    ] = None,
 ) -> None:
-    """Train an ITC + ITM (ALBEF-style) model on image-text pairs. Multi-process: torchrun -m cli.main train ..."""
+    """Train an ITC + ITM (ALBEF-style) model on image-text pairs, or (--task vlm) a VLM's connector on image +
+    caption / question + answer rows. Multi-process: torchrun -m cli.main train ..."""
+    if task == "vlm":
+        _train_vlm(pairs, out, config, set_ or [], resume, stop_after, quiet, vision)
+        return
+    if task != "retrieval":
+        from retrieval.errors import UserError
+
+        raise UserError(f"--task {task}: expected retrieval or vlm")
     from retrieval.train.config import load_train_config
     from retrieval.train.loop import train as run
 
@@ -43,6 +57,18 @@ def train(
         config = saved  # the run's own settings; --set still overrides (e.g. a longer refine.steps)
     cfg = load_train_config(config, set_ or [])
     result = run(str(pairs), out, cfg, resume=resume, progress=not quiet, stop_after=stop_after)
+    typer.echo(f"checkpoint: {result['out']} (step {result['steps']})", err=True)
+
+
+def _train_vlm(data: Path, out: Path, config, overrides, resume, stop_after, quiet, vision) -> None:
+    from retrieval.train.vlm import train_vlm
+    from retrieval.train.vlm_config import load_vlm_config
+
+    saved = out / "train_config.json"
+    if resume and config is None and saved.exists():
+        config = saved  # the run's own settings; --set still overrides
+    cfg = load_vlm_config(config, overrides)
+    result = train_vlm(str(data), out, vision, cfg, resume=resume, progress=not quiet, stop_after=stop_after)
     typer.echo(f"checkpoint: {result['out']} (step {result['steps']})", err=True)
 
 
@@ -69,6 +95,9 @@ def evaluate(
     templates: Annotated[
         str, typer.Option("--templates", help="Zero-shot prompts: openai, simple, plain, or a file with {c}")
     ] = "openai",
+    vqa: Annotated[
+        Path | None, typer.Option("--vqa", help="Image + question + answer rows: exact-match accuracy of a VLM checkpoint")
+    ] = None,
     device: Annotated[str, typer.Option("--device")] = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="JSON on stdout, nothing else")] = False,
 ) -> None:
@@ -77,6 +106,18 @@ def evaluate(
 
     if checkpoint is None:
         raise UserError("eval needs --checkpoint DIR, a checkpoint trained with `retrieval train`")
+    if vqa is not None:
+        from retrieval.eval.vqa import evaluate_vqa
+        from retrieval.models.vlm_checkpoint import load_vlm
+
+        result = evaluate_vqa(load_vlm(checkpoint), vqa, limit=limit, progress=not json_out)
+        if json_out:
+            typer.echo(json.dumps(result))
+        else:
+            typer.echo(f"VQA exact match {result['accuracy']:.3f} over {result['n']} questions")
+            for kind, acc in result["per_kind"].items():
+                typer.echo(f"  {kind:10s} {acc:.3f}")
+        return
     from retrieval.eval.binding import BindingConfig
     from retrieval.eval.evaluate import EvalConfig
     from retrieval.eval.suite import SuiteConfig, evaluate_checkpoint
