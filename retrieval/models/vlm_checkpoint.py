@@ -149,6 +149,22 @@ def load_vlm(directory: str | os.PathLike, llm: str | None = None, vision: str |
         from retrieval.train.lora import add_lora
 
         add_lora(vlm.llm, config["lora"])
+    load_weights(vlm, directory, check=False)
+    return vlm.eval()
+
+
+def load_weights(vlm: Vlm, directory: str | os.PathLike, check: bool = True) -> Vlm:
+    """Load a checkpoint's trained parts (connector, xattn, LoRA or LLM weights) into `vlm`; check: the
+    checkpoint's LLM and vision tower must be `vlm`'s."""
+    config = read_vlm_config(directory)
+    if check:
+        if config["llm"]["digest"] != vlm.llm_identity["digest"]:
+            raise UserError(f"{directory} was trained with the LLM {config['llm']['name']}, not {vlm.llm_identity['name']}")
+        theirs, ours = (config["vision"] or {}).get("weights"), (vlm.vision_identity or {}).get("weights")
+        if theirs != ours:
+            raise UserError(f"{directory} was trained with another vision tower ({theirs}, this run: {ours})")
+        if config["connector"] != dataclasses.asdict(vlm.connector.cfg):
+            raise UserError(f"{directory} has another connector ({config['connector']['type']})")
     for name, filename in config["components"].items():
         state = load_safetensors(Path(directory) / filename)
         for prefix, module in (("connector.", vlm.connector), ("xattn.", vlm.xattn)):
@@ -156,7 +172,9 @@ def load_vlm(directory: str | os.PathLike, llm: str | None = None, vision: str |
             if part and module is not None:
                 module.load_state_dict(part)
         if name in ("lora", "llm"):
+            if check and config["tune"] == "lora" and not any("lora_" in k for k, _ in vlm.llm.named_parameters()):
+                raise UserError(f"{directory} holds LoRA adapters: set tune=lora to continue from it")
             _, unexpected = vlm.llm.load_state_dict(state, strict=False)
             if unexpected:
                 raise UserError(f"{directory}/{filename}: weights do not fit the LLM (e.g. {unexpected[0]})")
-    return vlm.eval()
+    return vlm

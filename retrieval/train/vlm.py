@@ -118,6 +118,10 @@ def train_vlm(
         from retrieval.train.lora import add_lora
 
         add_lora(vlm.llm, dataclasses.asdict(cfg.lora))
+    if cfg.init_checkpoint:
+        from retrieval.models.vlm_checkpoint import load_weights
+
+        load_weights(vlm, cfg.init_checkpoint)
     pixels, ok = load_pixels(rows.images, vlm.image["size"], progress)
     feats = cache_features(vlm, pixels)  # (N, ...) the frozen tower's output per image
     stages = [(1, cfg.stage1_steps if rows.captions else 0), (2, cfg.steps if rows.qa else 0)]
@@ -207,7 +211,7 @@ def train_vlm(
                            "train_cpu_s": round(time.process_time() - cpu_began, 1)})
     if step == start and start:
         log_line(f"{out} had already reached step {start}")
-    return {"out": str(out), "steps": step, "metrics": metrics}
+    return {"out": str(out), "steps": step, "metrics": metrics, "model": vlm}
 
 
 def _evaluate(vlm, cfg: VlmTrainConfig) -> dict[str, Any]:

@@ -31,6 +31,8 @@ class VlmTrainConfig:
     prompt: PromptConfig = field(default_factory=PromptConfig)
     tune: str = "frozen"  # stage 2: frozen (connector alone) | lora | full; stage 1 always trains the connector alone
     lora: LoraConfig = field(default_factory=LoraConfig)
+    init_checkpoint: str | None = None  # a VLM checkpoint whose connector (and adapters) to start from, e.g.
+    # stage 1 or a frozen-LLM run before a LoRA stage 2; its LLM and tower must be the ones of this run
     stage1_steps: int = 100  # steps on caption rows (skipped when the data has none)
     steps: int = 2000  # steps on question rows (skipped when the data has none); the time budget ends sooner
     batch_size: int = 8  # images per step, each with up to `turns` of its questions in one chat

