@@ -40,6 +40,9 @@ def synth(
     wording: Annotated[
         str, typer.Option("--wording", help="fixed (one wording) or varied (a different one per caption)")
     ] = "fixed",
+    vqa: Annotated[
+        bool, typer.Option("--vqa", help="Also write vqa_train.jsonl, vqa_heldout.jsonl: questions and answers")
+    ] = False,
 ) -> None:
     """Write captioned scenes of coloured shapes: images/, train.jsonl, heldout.jsonl, heldout_binding.jsonl
     (caption + negative-caption triples for `eval --binding`), synth.json."""
@@ -58,6 +61,10 @@ def synth(
     )
     try:
         s = generate(out, cfg)
+        if vqa:
+            from retrieval.data.vqa import write_vqa
+
+            s["vqa"] = write_vqa(out, seed)
     except UserError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
@@ -66,3 +73,5 @@ def synth(
         f"{s['noisy']} noisy train captions; held-out combos: {', '.join(s['heldout_combos'])}",
         err=True,
     )
+    if vqa:
+        typer.echo(f"questions: {s['vqa']['train']} train, {s['vqa']['heldout']} heldout (vqa_*.jsonl)", err=True)

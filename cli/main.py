@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from cli import ask as ask_cmd
 from cli import caption as caption_cmds
 from cli import collection, data, output
 from cli import serve as serve_cmd
@@ -32,6 +33,7 @@ app.command(name="serve")(serve_cmd.serve)
 app.command(name="caption")(caption_cmds.caption)
 app.command(name="bootstrap")(caption_cmds.bootstrap)
 app.command(name="capfilt")(caption_cmds.capfilt)
+app.command(name="ask")(ask_cmd.ask)
 app.command(name="info")(collection.info)
 app.command(name="export")(collection.export)
 app.command(name="dedup")(collection.dedup)

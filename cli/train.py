@@ -35,20 +35,43 @@ def train(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar")] = False,
     task: Annotated[
         str | None,
-        typer.Option("--task", help="itc_itm (the retrieval model) or caption (the captioner, objective lm)"),
+        typer.Option(
+            "--task",
+            help="itc_itm (the retrieval model, the default), caption (the captioner, objective lm) or vlm "
+            "(a connector + causal LLM that answers questions, retrieval/train/vlm.py)",
+        ),
+    ] = None,
+    vision: Annotated[
+        str | None, typer.Option("--vision", help="--task vlm: vision tower, a checkpoint DIR or an OpenCLIP ARCH[:TAG]")
     ] = None,
 ) -> None:
-    """Train an ITC + ITM (ALBEF-style) model, or a captioner (--task caption), on image-text pairs.
-    Multi-process: torchrun -m cli.main train ..."""
+    """Train an ITC + ITM (ALBEF-style) model on image-text pairs, a captioner (--task caption), or (--task vlm)
+    a VLM's connector on image + caption / question + answer rows. Multi-process: torchrun -m cli.main train ..."""
+    if task == "vlm":
+        _train_vlm(pairs, out, config, set_ or [], resume, stop_after, quiet, vision)
+        return
+    task = {"lm": "caption", "retrieval": "itc_itm"}.get(task, task) if task else None
     from retrieval.train.config import load_train_config
     from retrieval.train.loop import train as run
 
     saved = out / "train_config.json"
     if resume and config is None and saved.exists():
         config = saved  # the run's own settings; --set still overrides (e.g. a longer refine.steps)
-    overrides = [f"task={'caption' if task == 'lm' else task}"] if task else []
+    overrides = [f"task={task}"] if task else []
     cfg = load_train_config(config, [*overrides, *(set_ or [])])
     result = run(str(pairs), out, cfg, resume=resume, progress=not quiet, stop_after=stop_after)
+    typer.echo(f"checkpoint: {result['out']} (step {result['steps']})", err=True)
+
+
+def _train_vlm(data: Path, out: Path, config, overrides, resume, stop_after, quiet, vision) -> None:
+    from retrieval.train.vlm import train_vlm
+    from retrieval.train.vlm_config import load_vlm_config
+
+    saved = out / "train_config.json"
+    if resume and config is None and saved.exists():
+        config = saved  # the run's own settings; --set still overrides
+    cfg = load_vlm_config(config, overrides)
+    result = train_vlm(str(data), out, vision, cfg, resume=resume, progress=not quiet, stop_after=stop_after)
     typer.echo(f"checkpoint: {result['out']} (step {result['steps']})", err=True)
 
 
@@ -75,6 +98,9 @@ def evaluate(
     templates: Annotated[
         str, typer.Option("--templates", help="Zero-shot prompts: openai, simple, plain, or a file with {c}")
     ] = "openai",
+    vqa: Annotated[
+        Path | None, typer.Option("--vqa", help="Image + question + answer rows: exact-match accuracy of a VLM checkpoint")
+    ] = None,
     device: Annotated[str, typer.Option("--device")] = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="JSON on stdout, nothing else")] = False,
     captioner: Annotated[
@@ -96,6 +122,18 @@ def evaluate(
             return
     if checkpoint is None:
         raise UserError("eval needs --checkpoint DIR, a checkpoint trained with `retrieval train`")
+    if vqa is not None:
+        from retrieval.eval.vqa import evaluate_vqa
+        from retrieval.models.vlm_checkpoint import load_vlm
+
+        result = evaluate_vqa(load_vlm(checkpoint), vqa, limit=limit, progress=not json_out)
+        if json_out:
+            typer.echo(json.dumps(result))
+        else:
+            typer.echo(f"VQA exact match {result['accuracy']:.3f} over {result['n']} questions")
+            for kind, acc in result["per_kind"].items():
+                typer.echo(f"  {kind:10s} {acc:.3f}")
+        return
     from retrieval.eval.binding import BindingConfig
     from retrieval.eval.evaluate import EvalConfig
     from retrieval.eval.suite import SuiteConfig, evaluate_checkpoint
