@@ -130,7 +130,7 @@ def capfilt(
     steps: Annotated[int, typer.Option("--steps", min=1, help="ITC steps of the pretrained and final models")] = 300,
     refine_steps: Annotated[int, typer.Option("--refine-steps", min=1, help="Their ITM refinement steps")] = 200,
     filter_steps: Annotated[int, typer.Option("--filter-steps", min=1, help="Filter fine-tuning steps")] = 150,
-    captioner_steps: Annotated[int, typer.Option("--captioner-steps", min=1)] = 500,
+    captioner_steps: Annotated[int, typer.Option("--captioner-steps", min=1)] = 300,
     samples: Annotated[int, typer.Option("--samples", min=0, help="Synthetic captions per image")] = 2,
     threshold: Annotated[
         float | None, typer.Option("--threshold", help="Filter threshold [default: calibrated on --clean]")

@@ -3,7 +3,7 @@
     1 pretrain   an ITC + ITM model on the noisy pairs                      OUT/pretrain/
     2 filter     it, fine-tuned on the clean pairs; its ITM threshold calibrated there and recorded
                                                                             OUT/filter/
-    3 captioner  a decoder on the pretrained image tower, trained on the clean pairs
+    3 captioner  a decoder on the pretrained image tower, both trained on the clean pairs
                  (its own weights: BLIP Table 4, captioner and filter must not share them)
                                                                             OUT/captioner/
     4 bootstrap  the noisy pairs filtered and captioned (pipelines/bootstrap.py)
@@ -38,7 +38,7 @@ class CapfiltConfig:
     pretrain_refine: int = 200  # ITM refinement steps after them
     filter_steps: int = 150  # fine-tuning steps on the clean pairs
     filter_refine: int = 150
-    captioner_steps: int = 500  # decoder steps on the clean pairs, the image tower frozen
+    captioner_steps: int = 300  # captioner steps on the clean pairs (decoder and image tower: docs/capfilt.md)
     bootstrap: BootstrapConfig = field(default_factory=lambda: BootstrapConfig(samples=2))
     eval_pairs: str | None = None  # held-out pairs for recall and caption metrics; none: no evaluation
     overrides: tuple[str, ...] = ()  # more `--set key=value` for every retrieval training stage
@@ -107,7 +107,8 @@ def capfilt(noisy: str, clean: str, out: str | Path, cfg: CapfiltConfig = Capfil
         timed("calibrate", lambda: calibrate(str(filt), clean, device, seed=cfg.seed))
     cap = out / "captioner"
     timed("captioner", lambda: _train(clean, cap, [*base, "task=caption", f"model.init_checkpoint={pre}",
-                                                   f"steps={cfg.captioner_steps}", "optim.warmup_steps=50"],
+                                                   "caption.freeze_image=false", f"steps={cfg.captioner_steps}",
+                                                   "optim.warmup_steps=50"],
                                       cfg.captioner_steps, False, progress))
     boot = timed("bootstrap", lambda: bootstrap(noisy, out, str(cap), str(filt), cfg.bootstrap, progress))
     kept_name = output_names(detect_format(noisy))[0]
