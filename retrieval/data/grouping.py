@@ -74,8 +74,9 @@ def group_pairs(pairs: Iterable[Pair]) -> ImageGroups:
     offsets[1:] = torch.cumsum(torch.bincount(caption_image, minlength=len(images)), 0)
     ids = _shared_caption_ids(captions, owner, len(images))
     text_ids: dict[str, int] = {}
-    caption_ids = torch.tensor([text_ids.setdefault(normalize_caption(c), len(text_ids)) for c in captions],
-                               dtype=torch.long)
+    caption_ids = torch.tensor(
+        [text_ids.setdefault(normalize_caption(c), len(text_ids)) for c in captions], dtype=torch.long
+    )
     return ImageGroups(images, captions, caption_image, offsets, order, ids, caption_ids)
 
 
