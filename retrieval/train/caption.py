@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,8 @@ def train_captioner(
     stop_after: int | None = None,
 ) -> dict[str, Any]:
     """Train the captioner to cfg.steps (or `stop_after`); returns {"out", "steps", "metrics"}."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("--task caption trains in one process (torchrun is not supported for it yet)")
     if not resume and saved.has_state(out):
         raise UserError(
             f"{out} already holds a training run; pass --resume to continue it, or choose another --out"
