@@ -51,33 +51,58 @@ def main() -> None:
     (pixels, _), decode_s = _timed(lambda: pixels_of(image_size(model), [p.image for p in pairs]))
     out: dict = {"images": len(pairs), "threads": torch.get_num_threads(), "decode_cpu_s": round(decode_s, 2)}
     greedy = GenerateConfig()
-    _, batched = _timed(lambda: [caption_pixels(model, pixels[i : i + 64], greedy, device)
-                                 for i in range(0, len(pixels), 64)])
+    _, batched = _timed(
+        lambda: [caption_pixels(model, pixels[i : i + 64], greedy, device) for i in range(0, len(pixels), 64)]
+    )
     one = min(64, len(pixels))
     _, single = _timed(lambda: [caption_pixels(model, pixels[i : i + 1], greedy, device) for i in range(one)])
-    _, no_cache = _timed(lambda: [caption_pixels(model, pixels[i : i + 64], GenerateConfig(use_cache=False), device)
-                                  for i in range(0, len(pixels), 64)])
+    _, no_cache = _timed(
+        lambda: [
+            caption_pixels(model, pixels[i : i + 64], GenerateConfig(use_cache=False), device)
+            for i in range(0, len(pixels), 64)
+        ]
+    )
     sample = GenerateConfig(top_p=0.9)
-    _, sampled = _timed(lambda: [caption_pixels(model, pixels[i : i + 64], sample, device, args.samples)
-                                 for i in range(0, len(pixels), 64)])
-    out.update({
-        "captions_per_cpu_s_batched": round(len(pixels) / batched, 1),
-        "captions_per_cpu_s_one_at_a_time": round(one / single, 1),
-        "batched_over_one_at_a_time": round((len(pixels) / batched) / (one / single), 2),
-        "captions_per_cpu_s_without_cache": round(len(pixels) / no_cache, 1),
-        "cache_speedup": round(no_cache / batched, 2),
-        f"nucleus_{args.samples}_per_image_captions_per_cpu_s": round(len(pixels) * args.samples / sampled, 1),
-    })
+    _, sampled = _timed(
+        lambda: [
+            caption_pixels(model, pixels[i : i + 64], sample, device, args.samples)
+            for i in range(0, len(pixels), 64)
+        ]
+    )
+    out.update(
+        {
+            "captions_per_cpu_s_batched": round(len(pixels) / batched, 1),
+            "captions_per_cpu_s_one_at_a_time": round(one / single, 1),
+            "batched_over_one_at_a_time": round((len(pixels) / batched) / (one / single), 2),
+            "captions_per_cpu_s_without_cache": round(len(pixels) / no_cache, 1),
+            "cache_speedup": round(no_cache / batched, 2),
+            f"nucleus_{args.samples}_per_image_captions_per_cpu_s": round(
+                len(pixels) * args.samples / sampled, 1
+            ),
+        }
+    )
     scorer = FilterScorer(args.filter, device)
     caps = [p.caption for p in pairs]
-    _, itm = _timed(lambda: [scorer.score(pixels[i : i + 64], caps[i : i + 64], list(range(len(caps[i : i + 64]))))
-                             for i in range(0, len(pixels), 64)])
+    _, itm = _timed(
+        lambda: [
+            scorer.score(pixels[i : i + 64], caps[i : i + 64], list(range(len(caps[i : i + 64]))))
+            for i in range(0, len(pixels), 64)
+        ]
+    )
     out["itm_scores_per_cpu_s"] = round(len(pixels) / itm, 1)
     with tempfile.TemporaryDirectory() as tmp:
         subset = Path(tmp) / "pairs.jsonl"
         subset.write_text("".join(json.dumps({"image": p.image, "caption": p.caption}) + "\n" for p in pairs))
-        report, boot = _timed(lambda: bootstrap(str(subset), Path(tmp) / "out", args.captioner, args.filter,
-                                                BootstrapConfig(samples=args.samples), progress=False))
+        report, boot = _timed(
+            lambda: bootstrap(
+                str(subset),
+                Path(tmp) / "out",
+                args.captioner,
+                args.filter,
+                BootstrapConfig(samples=args.samples),
+                progress=False,
+            )
+        )
     out["bootstrap_pairs_per_cpu_s"] = round(len(pairs) / boot, 1)
     per_image = {"decode": decode_s, "caption": sampled, "itm": itm * (1 + args.samples)}
     total = sum(per_image.values())

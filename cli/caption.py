@@ -19,17 +19,24 @@ def _gen(beams: int, top_p: float, temperature: float, min_len: int, max_len: in
     if beams > 1 and top_p > 0:
         raise UserError("--beams and --top-p exclude each other: beam search, or nucleus sampling")
     if not 0 <= top_p <= 1 or temperature <= 0 or min_len > max_len:
-        raise UserError(f"--top-p {top_p}, --temperature {temperature}, --min-len {min_len}, --max-len {max_len}: "
-                        "need top-p in [0, 1], temperature > 0, min-len <= max-len")
-    return GenerateConfig(beams=beams, top_p=top_p, temperature=temperature, min_len=min_len, max_len=max_len,
-                          seed=seed)
+        raise UserError(
+            f"--top-p {top_p}, --temperature {temperature}, --min-len {min_len}, --max-len {max_len}: "
+            "need top-p in [0, 1], temperature > 0, min-len <= max-len"
+        )
+    return GenerateConfig(
+        beams=beams, top_p=top_p, temperature=temperature, min_len=min_len, max_len=max_len, seed=seed
+    )
 
 
 @handle_errors
 def caption(
     paths: Annotated[list[Path], typer.Argument(help="Images or folders of images")],
-    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="A captioner checkpoint (train --task caption)")],
-    json_out: Annotated[bool, typer.Option("--json", help="JSON on stdout: a list of {path, caption}")] = False,
+    checkpoint: Annotated[
+        Path, typer.Option("--checkpoint", help="A captioner checkpoint (train --task caption)")
+    ],
+    json_out: Annotated[
+        bool, typer.Option("--json", help="JSON on stdout: a list of {path, caption}")
+    ] = False,
     beams: Annotated[int, typer.Option("--beams", min=1, help="Beam search with N beams (1: greedy)")] = 1,
     top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling with this top-p (0: off)")] = 0.0,
     temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature")] = 1.0,
@@ -54,8 +61,14 @@ def caption(
         raise UserError(f"no images under {', '.join(map(str, paths))}")
     results = caption_files(model, files, gen, resolve_device(device), batch_size, progress=not quiet)
     if json_out:
-        typer.echo(json.dumps([{"path": r.path, "caption": r.caption, **({"error": r.error} if r.error else {})}
-                               for r in results]))
+        typer.echo(
+            json.dumps(
+                [
+                    {"path": r.path, "caption": r.caption, **({"error": r.error} if r.error else {})}
+                    for r in results
+                ]
+            )
+        )
         return
     for r in results:
         typer.echo(f"{r.path}\t{r.caption if r.caption is not None else '(' + str(r.error) + ')'}")
@@ -76,7 +89,9 @@ def caption_metrics(pairs: Path | None, captioner: Path, limit: int | None, devi
 
 @handle_errors
 def bootstrap(
-    pairs: Annotated[Path, typer.Argument(help="Pairs to bootstrap: JSONL/CSV/TSV/parquet or WebDataset tars")],
+    pairs: Annotated[
+        Path, typer.Argument(help="Pairs to bootstrap: JSONL/CSV/TSV/parquet or WebDataset tars")
+    ],
     out: Annotated[Path, typer.Option("--out", help="Directory for the bootstrapped dataset and its report")],
     captioner: Annotated[
         Path | None, typer.Option("--captioner", help="Captioner checkpoint (none: web captions only)")
@@ -105,16 +120,24 @@ def bootstrap(
         raise UserError("bootstrap needs --captioner, --filter or both")
     if threshold is not None and not 0 <= threshold <= 1:
         raise UserError(f"--threshold {threshold}: an ITM probability in [0, 1]")
-    cfg = BootstrapConfig(samples=samples, threshold=threshold, top_p=top_p, shard_images=shard_images,
-                          seed=seed, device=device)
-    report = run(str(pairs), out, str(captioner) if captioner else None, str(filter_) if filter_ else None, cfg,
-                 progress=not quiet)
+    cfg = BootstrapConfig(
+        samples=samples, threshold=threshold, top_p=top_p, shard_images=shard_images, seed=seed, device=device
+    )
+    report = run(
+        str(pairs),
+        out,
+        str(captioner) if captioner else None,
+        str(filter_) if filter_ else None,
+        cfg,
+        progress=not quiet,
+    )
     if json_out:
         typer.echo(json.dumps(report))
         return
     typer.echo(
         f"{out}: web captions kept {report['web_kept']}, dropped {report['web_dropped']}; synthetic kept "
-        f"{report['synthetic_kept']} (threshold {report['threshold']})", err=True
+        f"{report['synthetic_kept']} (threshold {report['threshold']})",
+        err=True,
     )
 
 
@@ -127,10 +150,16 @@ def capfilt(
         Path | None, typer.Option("--eval", help="Held-out pairs: recall and caption metrics in the report")
     ] = None,
     arch: Annotated[str, typer.Option("--arch", help="Architecture of the trained models")] = "tiny-cvit-64",
-    steps: Annotated[int, typer.Option("--steps", min=1, help="ITC steps of the pretrained and final models")] = 300,
-    refine_steps: Annotated[int, typer.Option("--refine-steps", min=1, help="Their ITM refinement steps")] = 200,
-    filter_steps: Annotated[int, typer.Option("--filter-steps", min=1, help="Filter fine-tuning steps")] = 150,
-    captioner_steps: Annotated[int, typer.Option("--captioner-steps", min=1)] = 500,
+    steps: Annotated[
+        int, typer.Option("--steps", min=1, help="ITC steps of the pretrained and final models")
+    ] = 300,
+    refine_steps: Annotated[
+        int, typer.Option("--refine-steps", min=1, help="Their ITM refinement steps")
+    ] = 200,
+    filter_steps: Annotated[
+        int, typer.Option("--filter-steps", min=1, help="Filter fine-tuning steps")
+    ] = 150,
+    captioner_steps: Annotated[int, typer.Option("--captioner-steps", min=1)] = 300,
     samples: Annotated[int, typer.Option("--samples", min=0, help="Synthetic captions per image")] = 2,
     threshold: Annotated[
         float | None, typer.Option("--threshold", help="Filter threshold [default: calibrated on --clean]")
@@ -151,15 +180,24 @@ def capfilt(
 
     check_inputs(str(noisy), str(clean))
     cfg = CapfiltConfig(
-        arch=arch, pretrain_steps=steps, pretrain_refine=refine_steps, filter_steps=filter_steps,
-        filter_refine=filter_steps, captioner_steps=captioner_steps,
+        arch=arch,
+        pretrain_steps=steps,
+        pretrain_refine=refine_steps,
+        filter_steps=filter_steps,
+        filter_refine=filter_steps,
+        captioner_steps=captioner_steps,
         bootstrap=BootstrapConfig(samples=samples, threshold=threshold, seed=seed, device=device),
-        eval_pairs=str(eval_pairs) if eval_pairs else None, overrides=tuple(set_ or []), seed=seed,
+        eval_pairs=str(eval_pairs) if eval_pairs else None,
+        overrides=tuple(set_ or []),
+        seed=seed,
     )
     report = run(str(noisy), str(clean), out, cfg, progress=not quiet)
     if json_out:
         typer.echo(json.dumps(report))
         return
     b = report["bootstrap"]
-    typer.echo(f"{out}: web kept {b['web_kept']}, dropped {b['web_dropped']}, synthetic kept "
-               f"{b['synthetic_kept']}; {report['cpu_s']} CPU-s; report in {out / 'report.json'}", err=True)
+    typer.echo(
+        f"{out}: web kept {b['web_kept']}, dropped {b['web_dropped']}, synthetic kept "
+        f"{b['synthetic_kept']}; {report['cpu_s']} CPU-s; report in {out / 'report.json'}",
+        err=True,
+    )

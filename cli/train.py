@@ -105,7 +105,9 @@ def evaluate(
     json_out: Annotated[bool, typer.Option("--json", help="JSON on stdout, nothing else")] = False,
     captioner: Annotated[
         Path | None,
-        typer.Option("--captioner", help="A captioner checkpoint: BLEU-4, CIDEr and synth correctness on PAIRS"),
+        typer.Option(
+            "--captioner", help="A captioner checkpoint: BLEU-4, CIDEr and synth correctness on PAIRS"
+        ),
     ] = None,
 ) -> None:
     """Recall@1/5/10 both ways, after ITM re-ranking of the top K, attribute binding, zero-shot accuracy;

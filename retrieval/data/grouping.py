@@ -4,6 +4,10 @@ tar key) grouped together, as COCO and Flickr30k are laid out (five captions per
 Training counts every caption of an image as its positive and never as a negative; evaluation counts an
 image-to-text hit when any of its captions is in the top K. Two different images with the same caption (case and
 spacing aside) are positives of each other too: a caption cannot be a negative of an image it describes.
+
+Training keys a batch's positives on the captions drawn (`caption_ids`), not on `ids`: `ids` joins images through
+chains of shared captions, and in bootstrapped data, where synthetic captions repeat across many images, such
+chains joined most of the dataset into one group, so a batch had (almost) no negatives.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ class ImageGroups:
     caption_image: torch.Tensor  # (C,) long: the image of each caption
     offsets: torch.Tensor  # (I + 1,) long: captions of image i are order[offsets[i]:offsets[i + 1]]
     order: torch.Tensor  # (C,) long: caption indices sorted by image
-    ids: torch.Tensor  # (I,) long: positive groups; images sharing a caption share an id
+    ids: torch.Tensor  # (I,) long: positive groups; images sharing a caption share an id (transitively)
+    caption_ids: torch.Tensor  # (C,) long: one id per distinct normalised caption text
 
     def __len__(self) -> int:
         return len(self.images)
@@ -68,7 +73,11 @@ def group_pairs(pairs: Iterable[Pair]) -> ImageGroups:
     offsets = torch.zeros(len(images) + 1, dtype=torch.long)
     offsets[1:] = torch.cumsum(torch.bincount(caption_image, minlength=len(images)), 0)
     ids = _shared_caption_ids(captions, owner, len(images))
-    return ImageGroups(images, captions, caption_image, offsets, order, ids)
+    text_ids: dict[str, int] = {}
+    caption_ids = torch.tensor(
+        [text_ids.setdefault(normalize_caption(c), len(text_ids)) for c in captions], dtype=torch.long
+    )
+    return ImageGroups(images, captions, caption_image, offsets, order, ids, caption_ids)
 
 
 def _shared_caption_ids(captions: list[str], owner: list[int], n_images: int) -> torch.Tensor:

@@ -96,7 +96,10 @@ def caption_metrics(
 ) -> dict[str, float]:
     """BLEU-4 and CIDEr-D; with scenes ((objects, relation) per image, None where unknown) the synth share
     fully right over the images whose scene is known."""
-    out = {"bleu4": round(bleu4(candidates, references), 4), "cider": round(cider_d(candidates, references), 4)}
+    out = {
+        "bleu4": round(bleu4(candidates, references), 4),
+        "cider": round(cider_d(candidates, references), 4),
+    }
     if scenes is not None:
         known = [(c, s) for c, s in zip(candidates, scenes, strict=True) if s is not None]
         if known:
@@ -105,8 +108,9 @@ def caption_metrics(
     return out
 
 
-def evaluate_captioner(model, pairs_source: str, limit: int | None = None, device=None, gen=None,
-                       progress: bool = False) -> dict[str, Any]:
+def evaluate_captioner(
+    model, pairs_source: str, limit: int | None = None, device=None, gen=None, progress: bool = False
+) -> dict[str, Any]:
     """Caption the images of a pairs source (greedy unless `gen` says otherwise) and score them against all of
     each image's captions."""
     from retrieval.data.grouping import group_pairs

@@ -16,9 +16,7 @@ def lm_loss(logits: Tensor, tokens: Tensor, label_smoothing: float = 0.0) -> dic
     targets = tokens[:, 1:]  # (B, T-1)
     real = targets != PAD  # (B, T-1)
     flat = logits.reshape(-1, logits.shape[-1]).float()  # (B*(T-1), V)
-    loss = F.cross_entropy(
-        flat, targets.reshape(-1), ignore_index=PAD, label_smoothing=label_smoothing
-    )
+    loss = F.cross_entropy(flat, targets.reshape(-1), ignore_index=PAD, label_smoothing=label_smoothing)
     with torch.no_grad():
         acc = ((logits.argmax(-1) == targets) & real).sum() / real.sum().clamp(min=1)
     return {"lm": loss, "lm_acc": acc}

@@ -34,7 +34,9 @@ class CaptionerConfig:
     word_dropout: float = 0.3  # share of input (teacher-forced) words replaced by UNK in training: the next
     # word must come from the image, not from the words before it (unseen colour/shape combinations)
     label_smoothing: float = 0.1  # softer targets: a less peaked LM prior over seen combinations
-    freeze_image: bool = True  # keep the image tower (e.g. an ITC-trained one) as it is: only the decoder trains
+    freeze_image: bool = (
+        True  # keep the image tower (e.g. an ITC-trained one) as it is: only the decoder trains
+    )
     image_width: int = 0  # width of the image tokens; set from the vision tower when built
 
 

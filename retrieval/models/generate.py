@@ -108,7 +108,9 @@ def _beam(decoder: CaptionDecoder, image_tokens: Tensor, cfg: GenerateConfig) ->
     """Beam search: k live beams per image; a beam that writes EOS is finished; an image is done with k
     finished beams; the best finished one by log-prob / length^length_penalty wins."""
     b, k, device = image_tokens.shape[0], cfg.beams, image_tokens.device
-    memory = [(kk.repeat_interleave(k, 0), vv.repeat_interleave(k, 0)) for kk, vv in decoder.memory(image_tokens)]
+    memory = [
+        (kk.repeat_interleave(k, 0), vv.repeat_interleave(k, 0)) for kk, vv in decoder.memory(image_tokens)
+    ]
     caches = decoder.new_caches() if cfg.use_cache else None
     tokens = torch.full((b * k, 1), BOS, dtype=torch.long, device=device)  # (B*K, 1)
     scores = torch.full((b, k), float("-inf"), device=device)

@@ -24,8 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from retrieval.data.grouping import IMAGE_ID_COLUMNS, ImageGroups, group_pairs
 from retrieval.data.pairs import PairStats, detect_format, iter_pairs
 from retrieval.errors import UserError
@@ -41,7 +39,9 @@ DEFAULT_THRESHOLD = 0.5  # for a filter without a calibrated threshold (capfilt 
 @dataclass(frozen=True)
 class BootstrapConfig:
     samples: int = 3  # synthetic captions drawn per image (BLIP draws one per image per epoch); 0: none
-    threshold: float | None = None  # ITM match probability to keep a caption; None: the filter's calibrated one
+    threshold: float | None = (
+        None  # ITM match probability to keep a caption; None: the filter's calibrated one
+    )
     top_p: float = 0.9  # nucleus sampling for the synthetic captions (BLIP: diverse beats likely)
     temperature: float = 1.0
     shard_images: int = 256  # images per shard: the work lost to a kill, at most
@@ -51,8 +51,12 @@ class BootstrapConfig:
 
 
 def bootstrap(
-    pairs: str, out: str | os.PathLike, captioner: str | None, filter_dir: str | None,
-    cfg: BootstrapConfig = BootstrapConfig(), progress: bool = True,
+    pairs: str,
+    out: str | os.PathLike,
+    captioner: str | None,
+    filter_dir: str | None,
+    cfg: BootstrapConfig = BootstrapConfig(),
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Bootstrap `pairs` into `out`. No filter: every caption is kept (BLIP's "captioner only"); no captioner or
     samples=0: web captions only ("filter only"). Returns the report."""
@@ -68,8 +72,10 @@ def bootstrap(
     _check_paths(pairs, out, fmt)
     device = resolve_device(cfg.device)
     scorer = FilterScorer(filter_dir, device) if filter_dir else None
-    threshold = cfg.threshold if cfg.threshold is not None else (
-        recorded_threshold(filter_dir) if filter_dir else None
+    threshold = (
+        cfg.threshold
+        if cfg.threshold is not None
+        else (recorded_threshold(filter_dir) if filter_dir else None)
     )
     threshold = DEFAULT_THRESHOLD if threshold is None and filter_dir else threshold
     model = _captioner(captioner, cfg, device)
@@ -82,7 +88,7 @@ def bootstrap(
         part = parts_dir / f"part-{k:05d}.jsonl"
         lo, hi = k * cfg.shard_images, min(len(groups), (k + 1) * cfg.shard_images)
         if not part.exists():
-            records = _shard(groups, rows, lo, hi, k, out, model, scorer, threshold, cfg, plan, device)
+            records = _shard(groups, rows, lo, hi, k, out, model, scorer, threshold, cfg, plan, device, pairs)
             io.write_part(part, records)
         else:
             done_before += 1
@@ -125,9 +131,13 @@ def _identity(path: str | None) -> str | None:
 def _plan(pairs, out: Path, fmt, captioner, filter_dir, threshold, cfg, n_images) -> dict[str, Any]:
     """The run's settings, written on the first run; a re-run with others is refused (its parts would mix)."""
     plan = {
-        "input": str(pairs), "format": fmt, "images": n_images,
-        "captioner": _identity(captioner) if cfg.samples else None, "filter": _identity(filter_dir),
-        "threshold": threshold, "config": dataclasses.asdict(cfg) | {"device": None},
+        "input": str(pairs),
+        "format": fmt,
+        "images": n_images,
+        "captioner": _identity(captioner) if cfg.samples else None,
+        "filter": _identity(filter_dir),
+        "threshold": threshold,
+        "config": dataclasses.asdict(cfg) | {"device": None},
         "shards": -(-n_images // cfg.shard_images),
     }
     path = out / ".bootstrap" / "plan.json"
@@ -145,20 +155,27 @@ def _plan(pairs, out: Path, fmt, captioner, filter_dir, threshold, cfg, n_images
 
 
 def _base_row(pair, out: Path) -> dict[str, Any]:
-    """The input row's columns, the image path relative to the output (absolute stays absolute)."""
-    if isinstance(pair.image, bytes):
-        image = None  # bytes: filled in from the input when the output is written
-    else:
-        image = pair.image if os.path.isabs(pair.image) and not out.is_absolute() else os.path.relpath(
-            pair.image, out.resolve()
-        )
+    """The input row's columns, the image path rewritten relative to the output (so the output trains as it
+    is); binary images (None here) are filled in from the input when the output is written."""
+    image = None if isinstance(pair.image, bytes) else os.path.relpath(pair.image, out.resolve())
     return {"image": image, "caption": pair.caption, **pair.extra}
 
 
-def _shard(groups: ImageGroups, rows, lo, hi, k, out, model, scorer, threshold, cfg, plan, device):
+def _as_given(pair, pairs: str) -> str:
+    """The image as the input names it: a tar member's key, else the path relative to the input's folder
+    (as a table gives it), or the absolute path of an image outside that folder."""
+    if isinstance(pair.image, bytes):
+        return pair.key
+    folder = Path(pairs).resolve().parent
+    path = Path(pair.image).resolve()
+    return str(path.relative_to(folder)) if folder in path.parents else str(path)
+
+
+def _shard(groups: ImageGroups, rows, lo, hi, k, out, model, scorer, threshold, cfg, plan, device, pairs):
     """The records of images lo..hi-1: their web rows and their synthetic captions, scored."""
     gen = GenerateConfig(top_p=cfg.top_p, temperature=cfg.temperature, seed=0)
     prov = {"captioner": plan["captioner"], "filter": plan["filter"]}
+    given = {}  # image index -> the path as the input gives it
     records: list[dict[str, Any]] = []
     for b0 in range(lo, hi, cfg.batch_size):
         idx = list(range(b0, min(hi, b0 + cfg.batch_size)))
@@ -175,23 +192,30 @@ def _shard(groups: ImageGroups, rows, lo, hi, k, out, model, scorer, threshold, 
                 synth += [(i, t) for t in mine]  # distinct captions, in the order drawn
         pos = {i: j for j, i in enumerate(good)}
         scores = (
-            scorer.score(pixels, [groups.captions[c] for _, c in web] + [t for _, t in synth],
-                         [pos[i] for i, _ in web] + [pos[i] for i, _ in synth])
-            if scorer is not None and (web or synth) else None
+            scorer.score(
+                pixels,
+                [groups.captions[c] for _, c in web] + [t for _, t in synth],
+                [pos[i] for i, _ in web] + [pos[i] for i, _ in synth],
+            )
+            if scorer is not None and (web or synth)
+            else None
         )
-        for n, (_, c) in enumerate(web):
-            records.append(_record(rows[c], _base_row(rows[c], out), "web", scores, n, threshold, prov))
+        for i in good:
+            given[i] = _as_given(groups.images[i], pairs)
+        for n, (i, c) in enumerate(web):
+            records.append(
+                _record(rows[c], _base_row(rows[c], out), "web", scores, n, threshold, prov, given[i])
+            )
         for n, (i, text) in enumerate(synth, start=len(web)):
             pair = groups.images[i]
             row = {"image": _base_row(pair, out)["image"], "caption": text}
             row.update({col: pair.extra[col] for col in IMAGE_ID_COLUMNS if col in pair.extra})
-            records.append(_record(pair, row, "synthetic", scores, n, threshold, prov))
+            records.append(_record(pair, row, "synthetic", scores, n, threshold, prov, given[i]))
     return records
 
 
-def _record(pair, row, source, scores, n, threshold, prov) -> dict[str, Any]:
+def _record(pair, row, source, scores, n, threshold, prov, given: str) -> dict[str, Any]:
     score = None if scores is None else round(float(scores[n]), 6)
     kept = True if score is None or threshold is None else score >= threshold
-    row.update({"source": source, "score": score, "kept": kept,
-                "input_image": pair.key if isinstance(pair.image, bytes) else pair.image, **prov})
+    row.update({"source": source, "score": score, "kept": kept, "input_image": given, **prov})
     return {"key": pair.key, "row": row}

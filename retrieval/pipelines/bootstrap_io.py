@@ -82,7 +82,9 @@ def table_bytes(rows: Sequence[dict[str, Any]], fmt: str) -> bytes:
         import pyarrow.parquet as pq
 
         buf = io.BytesIO()
-        table = pa.Table.from_pylist(full) if full else pa.table({c: [] for c in columns or ["image", "caption"]})
+        table = (
+            pa.Table.from_pylist(full) if full else pa.table({c: [] for c in columns or ["image", "caption"]})
+        )
         pq.write_table(table, buf)
         return buf.getvalue()
     raise UserError(f"cannot write pairs in format {fmt!r}")
@@ -115,7 +117,9 @@ def tar_bytes(samples: Sequence[tuple[str, bytes, str, dict[str, Any]]]) -> byte
     return buf.getvalue()
 
 
-def write_output(out: Path, fmt: str, parts: Sequence[list[dict[str, Any]]], images: dict[str, bytes]) -> None:
+def write_output(
+    out: Path, fmt: str, parts: Sequence[list[dict[str, Any]]], images: dict[str, bytes]
+) -> None:
     """The kept rows to pairs.*, the dropped web rows to dropped.*; for tars one shard per part in each folder.
     images: raw bytes by pair key, for inputs whose images are bytes (tars, binary parquet cells)."""
     kept_name, dropped_name = output_names(fmt)

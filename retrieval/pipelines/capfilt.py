@@ -3,7 +3,7 @@
     1 pretrain   an ITC + ITM model on the noisy pairs                      OUT/pretrain/
     2 filter     it, fine-tuned on the clean pairs; its ITM threshold calibrated there and recorded
                                                                             OUT/filter/
-    3 captioner  a decoder on the pretrained image tower, trained on the clean pairs
+    3 captioner  a decoder on the pretrained image tower, both trained on the clean pairs
                  (its own weights: BLIP Table 4, captioner and filter must not share them)
                                                                             OUT/captioner/
     4 bootstrap  the noisy pairs filtered and captioned (pipelines/bootstrap.py)
@@ -38,7 +38,9 @@ class CapfiltConfig:
     pretrain_refine: int = 200  # ITM refinement steps after them
     filter_steps: int = 150  # fine-tuning steps on the clean pairs
     filter_refine: int = 150
-    captioner_steps: int = 500  # decoder steps on the clean pairs, the image tower frozen
+    captioner_steps: int = (
+        300  # captioner steps on the clean pairs (decoder and image tower: docs/capfilt.md)
+    )
     bootstrap: BootstrapConfig = field(default_factory=lambda: BootstrapConfig(samples=2))
     eval_pairs: str | None = None  # held-out pairs for recall and caption metrics; none: no evaluation
     overrides: tuple[str, ...] = ()  # more `--set key=value` for every retrieval training stage
@@ -72,8 +74,9 @@ def _say(text: str, progress: bool) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
-def capfilt(noisy: str, clean: str, out: str | Path, cfg: CapfiltConfig = CapfiltConfig(),
-            progress: bool = True) -> dict[str, Any]:
+def capfilt(
+    noisy: str, clean: str, out: str | Path, cfg: CapfiltConfig = CapfiltConfig(), progress: bool = True
+) -> dict[str, Any]:
     """Run (or resume) the loop; returns the report also written to OUT/report.json."""
     from retrieval.data.pairs import detect_format
     from retrieval.models.encoders import resolve_device
@@ -83,40 +86,97 @@ def capfilt(noisy: str, clean: str, out: str | Path, cfg: CapfiltConfig = Capfil
     out.mkdir(parents=True, exist_ok=True)
     for name in (noisy, clean):
         detect_format(name)  # a bad path fails here, before any work
-    base = [f"model.arch={cfg.arch}", f"batch_size={cfg.batch_size}", f"seed={cfg.seed}", "save_every=100",
-            *cfg.overrides]
+    base = [
+        f"model.arch={cfg.arch}",
+        f"batch_size={cfg.batch_size}",
+        f"seed={cfg.seed}",
+        "save_every=100",
+        *cfg.overrides,
+    ]
     stages: dict[str, Any] = {}
 
     def timed(name: str, fn):
         t0, c0 = time.perf_counter(), time.process_time()
         result = fn()
-        stages[name] = {"result": result if isinstance(result, str) else "done", "wall_s": round(time.perf_counter() - t0, 1),
-                        "cpu_s": round(time.process_time() - c0, 1)}
+        stages[name] = {
+            "result": result if isinstance(result, str) else "done",
+            "wall_s": round(time.perf_counter() - t0, 1),
+            "cpu_s": round(time.process_time() - c0, 1),
+        }
         return result
 
     pre = out / "pretrain"
-    timed("pretrain", lambda: _train(noisy, pre, [*base, f"steps={cfg.pretrain_steps}",
-                                                  f"refine.steps={cfg.pretrain_refine}"],
-                                     cfg.pretrain_steps, True, progress))
+    timed(
+        "pretrain",
+        lambda: _train(
+            noisy,
+            pre,
+            [*base, f"steps={cfg.pretrain_steps}", f"refine.steps={cfg.pretrain_refine}"],
+            cfg.pretrain_steps,
+            True,
+            progress,
+        ),
+    )
     filt = out / "filter"
-    timed("filter", lambda: _train(clean, filt, [*base, f"model.init_checkpoint={pre}",
-                                                 f"steps={cfg.filter_steps}", f"refine.steps={cfg.filter_refine}"],
-                                   cfg.filter_steps, True, progress))
+    timed(
+        "filter",
+        lambda: _train(
+            clean,
+            filt,
+            [
+                *base,
+                f"model.init_checkpoint={pre}",
+                f"steps={cfg.filter_steps}",
+                f"refine.steps={cfg.filter_refine}",
+            ],
+            cfg.filter_steps,
+            True,
+            progress,
+        ),
+    )
     device = resolve_device(cfg.bootstrap.device)
     if recorded_threshold(str(filt)) is None:
         timed("calibrate", lambda: calibrate(str(filt), clean, device, seed=cfg.seed))
     cap = out / "captioner"
-    timed("captioner", lambda: _train(clean, cap, [*base, "task=caption", f"model.init_checkpoint={pre}",
-                                                   f"steps={cfg.captioner_steps}", "optim.warmup_steps=50"],
-                                      cfg.captioner_steps, False, progress))
+    timed(
+        "captioner",
+        lambda: _train(
+            clean,
+            cap,
+            [
+                *base,
+                "task=caption",
+                f"model.init_checkpoint={pre}",
+                "caption.freeze_image=false",
+                f"steps={cfg.captioner_steps}",
+                "optim.warmup_steps=50",
+            ],
+            cfg.captioner_steps,
+            False,
+            progress,
+        ),
+    )
     boot = timed("bootstrap", lambda: bootstrap(noisy, out, str(cap), str(filt), cfg.bootstrap, progress))
     kept_name = output_names(detect_format(noisy))[0]
     final = out / "model"
-    timed("model", lambda: _train(str(out / kept_name), final, [*base, f"steps={cfg.pretrain_steps}",
-                                                                 f"refine.steps={cfg.pretrain_refine}"],
-                                  cfg.pretrain_steps, True, progress))
-    report: dict[str, Any] = {"noisy": noisy, "clean": clean, "config": dataclasses.asdict(cfg),
-                              "bootstrap": boot, "filter": json.loads((filt / "config.json").read_text())["filter"]}
+    timed(
+        "model",
+        lambda: _train(
+            str(out / kept_name),
+            final,
+            [*base, f"steps={cfg.pretrain_steps}", f"refine.steps={cfg.pretrain_refine}"],
+            cfg.pretrain_steps,
+            True,
+            progress,
+        ),
+    )
+    report: dict[str, Any] = {
+        "noisy": noisy,
+        "clean": clean,
+        "config": dataclasses.asdict(cfg),
+        "bootstrap": boot,
+        "filter": json.loads((filt / "config.json").read_text())["filter"],
+    }
     if cfg.eval_pairs:
         report["eval"] = timed("evaluate", lambda: evaluate_stages(out, cfg.eval_pairs, device))
     report["stages"] = stages

@@ -59,8 +59,12 @@ class Captioned:
 
 
 def caption_pairs(
-    model: Captioner, pairs: Sequence[Pair], gen: GenerateConfig | None = None, device=None,
-    batch_size: int = 64, progress: bool = False,
+    model: Captioner,
+    pairs: Sequence[Pair],
+    gen: GenerateConfig | None = None,
+    device=None,
+    batch_size: int = 64,
+    progress: bool = False,
 ) -> list[str]:
     """One caption per pair's image ('' for an image that does not decode)."""
     gen = gen or GenerateConfig()
@@ -80,7 +84,11 @@ def caption_pairs(
 
 
 def caption_files(
-    model: Captioner, paths: Sequence[str | os.PathLike], gen: GenerateConfig, device, batch_size: int = 32,
+    model: Captioner,
+    paths: Sequence[str | os.PathLike],
+    gen: GenerateConfig,
+    device,
+    batch_size: int = 32,
     progress: bool = True,
 ) -> list[Captioned]:
     """Caption image files, in order; an undecodable one gets caption None and the reason."""
@@ -91,7 +99,10 @@ def caption_files(
         chunk = [str(p) for p in paths[start : start + batch_size]]
         pixels, ok = pixels_of(image_size(model), chunk)
         texts = dict(zip(ok, caption_pixels(model, pixels, gen, device), strict=True)) if ok else {}
-        results += [Captioned(p, texts.get(i), None if i in texts else "undecodable image") for i, p in enumerate(chunk)]
+        results += [
+            Captioned(p, texts.get(i), None if i in texts else "undecodable image")
+            for i, p in enumerate(chunk)
+        ]
         bar.update(len(chunk))
     bar.close()
     return results

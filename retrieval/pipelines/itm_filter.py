@@ -36,8 +36,9 @@ class FilterScorer:
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
 
     @torch.inference_mode()
-    def score(self, pixels: torch.Tensor, captions: Sequence[str], image_index: Sequence[int],
-              batch: int = 256) -> torch.Tensor:
+    def score(
+        self, pixels: torch.Tensor, captions: Sequence[str], image_index: Sequence[int], batch: int = 256
+    ) -> torch.Tensor:
         """pixels (B, 3, S, S) uint8; caption i is scored against image image_index[i]. Returns (n,) floats."""
         from retrieval.models.albef import encode_image_tokens, encode_text_tokens, itm_match_prob, text_mask
         from retrieval.models.encoders import normalize
@@ -76,8 +77,9 @@ def best_threshold(positive: torch.Tensor, negative: torch.Tensor) -> tuple[floa
     return t, {"true_kept": round(float(keep_pos[best]), 4), "wrong_dropped": round(float(drop_neg[best]), 4)}
 
 
-def calibrate(directory: str, clean_pairs: str, device: torch.device, limit: int = 2000, seed: int = 0,
-              batch: int = 128) -> dict[str, Any]:
+def calibrate(
+    directory: str, clean_pairs: str, device: torch.device, limit: int = 2000, seed: int = 0, batch: int = 128
+) -> dict[str, Any]:
     """Score the clean set's true pairs and its captions shuffled onto other images (never one with the same
     caption), pick best_threshold and record it in the checkpoint's config.json. Returns the "filter" entry."""
     from retrieval.data.grouping import group_pairs
@@ -99,11 +101,15 @@ def calibrate(directory: str, clean_pairs: str, device: torch.device, limit: int
         wrong.append(caps[j])
     pos, neg = [], []
     for s in range(0, n, batch):
-        pixels, ok = pixels_of(scorer.image_size, [groups.images[i].image for i in range(s, min(n, s + batch))])
+        pixels, ok = pixels_of(
+            scorer.image_size, [groups.images[i].image for i in range(s, min(n, s + batch))]
+        )
         if not ok:
             continue
         idx = [s + j for j in ok]
-        scores = scorer.score(pixels, [caps[i] for i in idx] + [wrong[i] for i in idx], list(range(len(ok))) * 2)
+        scores = scorer.score(
+            pixels, [caps[i] for i in idx] + [wrong[i] for i in idx], list(range(len(ok))) * 2
+        )
         pos.append(scores[: len(ok)])
         neg.append(scores[len(ok) :])
     if not pos:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from retrieval.data.pairs import PairStats
 from retrieval.errors import UserError
 from retrieval.lifecycle import Interrupted
 from retrieval.losses.captioning import lm_loss
-from retrieval.models.captioner import PAD, UNK, Captioner, CaptionerConfig, Vocab
+from retrieval.models.captioner import UNK, Captioner, CaptionerConfig, Vocab
 from retrieval.models.checkpoint import load_dual_encoder, save_checkpoint
 from retrieval.models.encoders import create_clip, normalize, resolve_device
 from retrieval.progress import progress_bar
@@ -41,7 +42,9 @@ class CaptionTask(nn.Module):
         self.model, self.cfg = model, cfg
         self.sampler = torch.Generator().manual_seed(seed + 23)
 
-    def forward(self, images: Tensor, tokens: Tensor, image_tokens: Tensor | None = None) -> dict[str, Tensor]:
+    def forward(
+        self, images: Tensor, tokens: Tensor, image_tokens: Tensor | None = None
+    ) -> dict[str, Tensor]:
         """images (B, 3, S, S) normalised, tokens (B, L) BOS ... EOS PAD...; image_tokens (B, N, Wv): the frozen
         tower's output, cached (then images is unused)."""
         inputs = tokens[:, :-1]  # (B, L-1)
@@ -76,12 +79,20 @@ def build_captioner(cfg: TrainConfig, captions: list[str]) -> tuple[Captioner, s
 
 
 def train_captioner(
-    source: str, out: Path, cfg: TrainConfig, resume: bool = False, progress: bool = True,
+    source: str,
+    out: Path,
+    cfg: TrainConfig,
+    resume: bool = False,
+    progress: bool = True,
     stop_after: int | None = None,
 ) -> dict[str, Any]:
     """Train the captioner to cfg.steps (or `stop_after`); returns {"out", "steps", "metrics"}."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("--task caption trains in one process (torchrun is not supported for it yet)")
     if not resume and saved.has_state(out):
-        raise UserError(f"{out} already holds a training run; pass --resume to continue it, or choose another --out")
+        raise UserError(
+            f"{out} already holds a training run; pass --resume to continue it, or choose another --out"
+        )
     device = resolve_device(cfg.device)
     stats = PairStats()
     groups = load_groups(source, stats)
@@ -214,8 +225,13 @@ def _checkpoint(out, task, opt, sched, arch, source, cfg, step, metrics, state: 
     extra = {
         "kind": "captioner",
         "captioner": model.config_entry(),
-        "training": {"pairs": str(source), "step": step, "task": "caption", "metrics": metrics,
-                     "config": dataclasses.asdict(cfg)},
+        "training": {
+            "pairs": str(source),
+            "step": step,
+            "task": "caption",
+            "metrics": metrics,
+            "config": dataclasses.asdict(cfg),
+        },
     }
     save_checkpoint(out, arch, {"dual_encoder": model.clip, "captioner": model.decoder}, extra=extra)
     if state:

@@ -27,7 +27,8 @@ from retrieval.train.negatives import Vocabulary, negative_captions
 class TrainBatch:
     pixels: torch.Tensor  # (B, 3, S, S) uint8
     tokens: torch.Tensor  # (B, L) long
-    ids: torch.Tensor  # (B,) long: rows of one image, or of images sharing a caption, are positives
+    ids: torch.Tensor  # (B,) long: positives share an id: rows whose drawn captions are the same text (a
+    # batch's images are distinct; grouping.py says why not the transitive image groups)
     negative_tokens: torch.Tensor | None = None  # (B, L): a rule-made false caption per row (negatives.py)
     negative_valid: torch.Tensor | None = None  # (B,) bool: False where no rule applied (the caption repeats)
 
@@ -123,7 +124,7 @@ class TrainData:
         self.groups, self.images, self.plan, self.tokenizer = groups, images, plan, tokenizer
         self.captions = groups.captions
         self.tokens = tokenizer(self.captions).to(torch.int32)  # (C, L): half the memory of int64
-        self.ids = groups.ids  # (I,)
+        self.ids = groups.caption_ids  # (C,) the positive key of a drawn caption
         self.vocabulary = Vocabulary(self.captions) if text_negatives else None
 
     def pick_captions(self, images: torch.Tensor, seed: int) -> torch.Tensor:
@@ -140,7 +141,7 @@ class TrainData:
         else:
             pixels, idx = self._decode(idx, micro_step)
         chosen = self.pick_captions(idx, self.plan.step_seed(micro_step, salt=29))  # (B,) captions
-        batch = TrainBatch(pixels, self.tokens[chosen].long(), self.ids[idx])
+        batch = TrainBatch(pixels, self.tokens[chosen].long(), self.ids[chosen])
         if self.vocabulary is not None:
             seed = self.plan.step_seed(micro_step, salt=7)
             negatives, valid = negative_captions([self.captions[c] for c in chosen], seed, self.vocabulary)

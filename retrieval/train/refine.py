@@ -205,7 +205,7 @@ def _step(fusion, cache: RefineCache, data: TrainData, cfg: TrainConfig, batch: 
 
     with torch.no_grad():
         sim = cache.image_feat[pick] @ cache.text_feat[slots].T * scale  # (B, B)
-    ids = data.ids[cache.index[pick]].to(device)  # (B,) equal captions are positives of each other
+    ids = slots.to(device)  # (B,) one slot per caption text: rows with the same caption are positives
     ranked = {name: (*texts(r), i.to(device), o.to(device)) for name, (r, i, o) in groups.items()}
     pairs = {name: (*texts(r), i.to(device)) for name, (r, i) in scored.items()}
     compared = {

@@ -53,9 +53,15 @@ def test_unknown_caption_still_scores(model):
 
 
 def test_kv_cache_gives_the_same_tokens(model, image_tokens):
-    for cfg in (GenerateConfig(max_len=12), GenerateConfig(top_p=0.9, seed=3, max_len=12), GenerateConfig(beams=3)):
+    for cfg in (
+        GenerateConfig(max_len=12),
+        GenerateConfig(top_p=0.9, seed=3, max_len=12),
+        GenerateConfig(beams=3),
+    ):
         cached = generate_ids(model.decoder, image_tokens, cfg)
-        plain = generate_ids(model.decoder, image_tokens, GenerateConfig(**{**cfg.__dict__, "use_cache": False}))
+        plain = generate_ids(
+            model.decoder, image_tokens, GenerateConfig(**{**cfg.__dict__, "use_cache": False})
+        )
         assert cached == plain
 
 
@@ -74,15 +80,19 @@ def test_beam_of_one_is_greedy(model, image_tokens):
 def test_sampling_is_seeded(model, image_tokens):
     a = generate_ids(model.decoder, image_tokens, GenerateConfig(top_p=0.95, temperature=1.5, seed=7))
     b = generate_ids(model.decoder, image_tokens, GenerateConfig(top_p=0.95, temperature=1.5, seed=7))
-    c = [generate_ids(model.decoder, image_tokens, GenerateConfig(top_p=0.95, temperature=1.5, seed=s))
-         for s in range(8, 12)]
+    c = [
+        generate_ids(model.decoder, image_tokens, GenerateConfig(top_p=0.95, temperature=1.5, seed=s))
+        for s in range(8, 12)
+    ]
     assert a == b and any(x != a for x in c)
 
 
 @pytest.mark.parametrize("beams", [1, 2])
 def test_min_and_max_length(model, image_tokens, beams):
     for lo, hi in ((3, 3), (5, 8), (1, 2)):
-        for ids in generate_ids(model.decoder, image_tokens, GenerateConfig(min_len=lo, max_len=hi, beams=beams)):
+        for ids in generate_ids(
+            model.decoder, image_tokens, GenerateConfig(min_len=lo, max_len=hi, beams=beams)
+        ):
             assert lo <= len(ids) <= hi and EOS not in ids and BOS not in ids
 
 
@@ -107,8 +117,10 @@ def test_bleu4_and_cider_by_hand():
 
 
 def test_synth_correctness_either_order():
-    objects = [{"size": "small", "color": "red", "shape": "circle"},
-               {"size": "large", "color": "blue", "shape": "square"}]
+    objects = [
+        {"size": "small", "color": "red", "shape": "circle"},
+        {"size": "large", "color": "blue", "shape": "square"},
+    ]
     assert synth_correct("a small red circle to the left of a large blue square", objects, "left of")
     assert synth_correct("a large blue square to the right of a small red circle", objects, "left of")
     assert not synth_correct("a small red circle above a large blue square", objects, "left of")

@@ -128,7 +128,9 @@ def test_itm_forward_skips_rows_without_a_negative() -> None:
     positives[:3, :3] = True  # images 0-2 share one caption: only image/text 3 is a negative for them
     out = itm_forward(fusion, text, mask, image, torch.randn(b, b), torch.randn(b, b), positives)
     assert torch.isfinite(out["itm"])
-    all_pos = itm_forward(fusion, text, mask, image, torch.randn(b, b), torch.randn(b, b), torch.ones(b, b).bool())
+    all_pos = itm_forward(
+        fusion, text, mask, image, torch.randn(b, b), torch.randn(b, b), torch.ones(b, b).bool()
+    )
     texts, _ = fusion.seen
     assert texts.shape[0] == b and torch.isfinite(all_pos["itm"])
 

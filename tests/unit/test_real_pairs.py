@@ -79,7 +79,9 @@ def test_batches_hold_distinct_images_each_with_one_of_its_own_captions(coco):
         batch = data.batch(m)
         images = batch.pixels[:, 0, 0, 0].long()  # the image index each row carries
         assert len(set(images.tolist())) == len(images)  # no image twice in a batch
-        assert torch.equal(batch.ids, groups.ids[images])
+        same_id = batch.ids[:, None] == batch.ids[None]  # (B, B)
+        same_text = (batch.tokens[:, None] == batch.tokens[None]).all(-1)  # (B, B)
+        assert torch.equal(same_id, same_text)  # positives: rows whose drawn captions are the same text
         for row, image in enumerate(images.tolist()):
             own = {tuple(tokenizer([groups.captions[c]])[0].tolist()) for c in groups.captions_of(image)}
             assert tuple(batch.tokens[row].tolist()) in own  # the row's caption is one of its image's
