@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass, field, replace
 
 import open_clip
+import torch
 
 from retrieval.errors import UserError
 from retrieval.eval.binding import BindingConfig, evaluate_binding, load_triples
@@ -31,7 +32,7 @@ class SuiteConfig:
 def evaluate_checkpoint(checkpoint: str | os.PathLike, cfg: SuiteConfig) -> Report:
     """One flat report: the recall keys ("t2i.R@1", ...), "binding*" and "zeroshot.*"."""
     from retrieval.data.pairs import load_pairs
-    from retrieval.models.albef import with_fusion
+    from retrieval.models.albef import has_fusion, with_fusion
     from retrieval.models.checkpoint import load_dual_encoder
 
     if not (cfg.pairs or cfg.binding or cfg.zero_shot):
@@ -53,9 +54,12 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, cfg: SuiteConfig) -> Repo
     }
     report: Report = {}
     if pairs is not None or triples:
-        model = with_fusion(checkpoint, clip).to(device)
+        itc_only = pairs is not None and not triples and not cfg.recall.rerank_k and not has_fusion(checkpoint)
+        # a checkpoint without an ITM head (objectives.itm=false) still has its ITC recall; re-ranking and
+        # binding need the head, and with_fusion says so in one line
+        model = _ItcOnly(clip) if itc_only else with_fusion(checkpoint, clip).to(device)
         if pairs is not None:
-            recall = replace(cfg.recall, binding=cfg.recall.binding and not triples)
+            recall = replace(cfg.recall, binding=cfg.recall.binding and not triples and not itc_only)
             report.update(evaluate(model, pairs, recall, **inputs))
         if triples:
             found = evaluate_binding(model, triples, cfg.triples, **inputs)
@@ -63,3 +67,15 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, cfg: SuiteConfig) -> Repo
     if cfg.zero_shot:
         report.update(evaluate_zero_shot(clip, cfg.zero_shot, cfg.classes, **inputs))
     return report
+
+
+class _ItcOnly(torch.nn.Module):
+    """What recall@K reads of a model when there is no fusion encoder: the dual encoder and its temperature."""
+
+    def __init__(self, clip: torch.nn.Module) -> None:
+        super().__init__()
+        self.clip = clip
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.clip.logit_scale

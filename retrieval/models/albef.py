@@ -117,6 +117,13 @@ def load_albef(directory) -> tuple[AlbefModel, str]:
     return with_fusion(directory, clip), arch
 
 
+def has_fusion(directory) -> bool:
+    """Whether a checkpoint saved a fusion/ITM component."""
+    from retrieval.models.checkpoint import read_config
+
+    return "fusion" in read_config(directory).get("components", {})
+
+
 def with_fusion(directory, clip: nn.Module) -> AlbefModel:
     """The checkpoint's fusion/ITM component on top of its dual encoder `clip`, already loaded (e.g. by the
     encoder a search uses), so the towers are not read from disk twice."""
