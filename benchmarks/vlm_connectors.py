@@ -26,11 +26,21 @@ def one(args: argparse.Namespace, kind: str) -> dict:
     from retrieval.train.vlm_config import load_vlm_config
 
     torch.set_num_threads(args.threads)
-    cfg = load_vlm_config(None, [
-        f"llm={args.llm}", f"connector.type={kind}", f"steps={args.steps}", "time_budget_min=0",
-        f"eval_questions={args.eval}", f"eval_every={args.steps}", f"eval_limit={args.eval_limit}",
-        f"save_every={args.steps}", "log_every=5", "warmup_steps=5",
-    ])
+    cfg = load_vlm_config(
+        None,
+        [
+            f"llm={args.llm}",
+            f"connector.type={kind}",
+            f"steps={args.steps}",
+            "time_budget_min=0",
+            f"eval_questions={args.eval}",
+            f"eval_every={args.steps}",
+            f"eval_limit={args.eval_limit}",
+            f"save_every={args.steps}",
+            "log_every=5",
+            "warmup_steps=5",
+        ],
+    )
     out = Path(args.out) / kind
     result = train_vlm(args.data, out, args.vision, cfg, progress=False)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -80,11 +90,22 @@ def main() -> None:
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
     kinds = sorted({k for r in rows for k in r["per_kind"]})
-    print("| connector | image tokens | accuracy | " + " | ".join(kinds) + " | CPU-s/step | answer ms | peak RSS MiB |")
+    print(
+        "| connector | image tokens | accuracy | "
+        + " | ".join(kinds)
+        + " | CPU-s/step | answer ms | peak RSS MiB |"
+    )
     print("|---" * (6 + len(kinds)) + "|")
     for r in rows:
-        cells = [r["connector"], r["image_tokens"], r["accuracy"], *(r["per_kind"].get(k) for k in kinds),
-                 r["cpu_s_per_step"], r["answer_latency_ms"], r["peak_rss_mib"]]
+        cells = [
+            r["connector"],
+            r["image_tokens"],
+            r["accuracy"],
+            *(r["per_kind"].get(k) for k in kinds),
+            r["cpu_s_per_step"],
+            r["answer_latency_ms"],
+            r["peak_rss_mib"],
+        ]
         print("| " + " | ".join(str(c) for c in cells) + " |")
 
 
