@@ -57,6 +57,7 @@ def one(args: argparse.Namespace, kind: str) -> dict:
         "image_tokens": vlm.connector.tokens,
         "accuracy": result["metrics"].get("vqa"),
         "per_kind": {k[4:]: v for k, v in result["metrics"].items() if k.startswith("vqa.")},
+        "final_loss": steps[-1]["loss"],  # answer-token loss of the last logged steps
         "cpu_s_per_step": round(sum(r["cpu_s_per_step"] for r in steps) / len(steps), 2),
         "wall_s": next(r["train_wall_s"] for r in log if "train_wall_s" in r),
         "answer_latency_ms": round((time.perf_counter() - t) / 3 * 1000, 1),
@@ -95,13 +96,14 @@ def main() -> None:
         + " | ".join(kinds)
         + " | CPU-s/step | answer ms | peak RSS MiB |"
     )
-    print("|---" * (6 + len(kinds)) + "|")
+    print("|---" * (7 + len(kinds)) + "|")
     for r in rows:
         cells = [
             r["connector"],
             r["image_tokens"],
             r["accuracy"],
             *(r["per_kind"].get(k) for k in kinds),
+            r.get("final_loss"),
             r["cpu_s_per_step"],
             r["answer_latency_ms"],
             r["peak_rss_mib"],
