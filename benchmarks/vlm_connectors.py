@@ -26,11 +26,21 @@ def one(args: argparse.Namespace, kind: str) -> dict:
     from retrieval.train.vlm_config import load_vlm_config
 
     torch.set_num_threads(args.threads)
-    cfg = load_vlm_config(None, [
-        f"llm={args.llm}", f"connector.type={kind}", f"steps={args.steps}", "time_budget_min=0",
-        f"eval_questions={args.eval}", f"eval_every={args.steps}", f"eval_limit={args.eval_limit}",
-        f"save_every={args.steps}", "log_every=5", "warmup_steps=5",
-    ])
+    cfg = load_vlm_config(
+        None,
+        [
+            f"llm={args.llm}",
+            f"connector.type={kind}",
+            f"steps={args.steps}",
+            "time_budget_min=0",
+            f"eval_questions={args.eval}",
+            f"eval_every={args.steps}",
+            f"eval_limit={args.eval_limit}",
+            f"save_every={args.steps}",
+            "log_every=5",
+            "warmup_steps=5",
+        ],
+    )
     out = Path(args.out) / kind
     result = train_vlm(args.data, out, args.vision, cfg, progress=False)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -47,6 +57,7 @@ def one(args: argparse.Namespace, kind: str) -> dict:
         "image_tokens": vlm.connector.tokens,
         "accuracy": result["metrics"].get("vqa"),
         "per_kind": {k[4:]: v for k, v in result["metrics"].items() if k.startswith("vqa.")},
+        "final_loss": steps[-1]["loss"],  # answer-token loss of the last logged steps
         "cpu_s_per_step": round(sum(r["cpu_s_per_step"] for r in steps) / len(steps), 2),
         "wall_s": next(r["train_wall_s"] for r in log if "train_wall_s" in r),
         "answer_latency_ms": round((time.perf_counter() - t) / 3 * 1000, 1),
@@ -80,11 +91,23 @@ def main() -> None:
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
     kinds = sorted({k for r in rows for k in r["per_kind"]})
-    print("| connector | image tokens | accuracy | " + " | ".join(kinds) + " | CPU-s/step | answer ms | peak RSS MiB |")
-    print("|---" * (6 + len(kinds)) + "|")
+    print(
+        "| connector | image tokens | accuracy | "
+        + " | ".join(kinds)
+        + " | CPU-s/step | answer ms | peak RSS MiB |"
+    )
+    print("|---" * (7 + len(kinds)) + "|")
     for r in rows:
-        cells = [r["connector"], r["image_tokens"], r["accuracy"], *(r["per_kind"].get(k) for k in kinds),
-                 r["cpu_s_per_step"], r["answer_latency_ms"], r["peak_rss_mib"]]
+        cells = [
+            r["connector"],
+            r["image_tokens"],
+            r["accuracy"],
+            *(r["per_kind"].get(k) for k in kinds),
+            r.get("final_loss"),
+            r["cpu_s_per_step"],
+            r["answer_latency_ms"],
+            r["peak_rss_mib"],
+        ]
         print("| " + " | ".join(str(c) for c in cells) + " |")
 
 

@@ -14,18 +14,28 @@ from cli.errors import handle_errors
 @handle_errors
 def ask(
     image: Annotated[Path | None, typer.Argument(help="The image to ask about")] = None,
-    question: Annotated[str | None, typer.Argument(help='The question, e.g. "What colour is the circle?"')] = None,
-    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="A VLM checkpoint directory")] = None,
+    question: Annotated[
+        str | None, typer.Argument(help='The question, e.g. "What colour is the circle?"')
+    ] = None,
+    checkpoint: Annotated[
+        Path | None, typer.Option("--checkpoint", help="A VLM checkpoint directory")
+    ] = None,
     batch: Annotated[
         Path | None, typer.Option("--batch", help="JSONL rows of image + question, answered in batches")
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object per answer on stdout")] = False,
     template: Annotated[
-        str | None, typer.Option("--template", help="The user turn, with <image> and {question} [default: the checkpoint's]")
+        str | None,
+        typer.Option(
+            "--template", help="The user turn, with <image> and {question} [default: the checkpoint's]"
+        ),
     ] = None,
-    llm: Annotated[str | None, typer.Option("--llm", help="Where the checkpoint's LLM is now (must be the same)")] = None,
+    llm: Annotated[
+        str | None, typer.Option("--llm", help="Where the checkpoint's LLM is now (must be the same)")
+    ] = None,
     vision: Annotated[
-        str | None, typer.Option("--vision", help="Where the checkpoint's vision tower is now (must be the same)")
+        str | None,
+        typer.Option("--vision", help="Where the checkpoint's vision tower is now (must be the same)"),
     ] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 24,
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0: greedy")] = 0.0,
@@ -66,7 +76,9 @@ def ask(
     from retrieval.eval.vqa import read_questions
 
     rows = read_questions(batch)
-    answers = answer_batch(vlm, [r["image_path"] for r in rows], [r["question"] for r in rows], cfg, not quiet)
+    answers = answer_batch(
+        vlm, [r["image_path"] for r in rows], [r["question"] for r in rows], cfg, not quiet
+    )
     for row, answer in zip(rows, answers, strict=True):
         record = {"image": row["image"], "question": row["question"], "answer": answer}
         typer.echo(json.dumps(record) if json_out else f"{row['image']}\t{row['question']}\t{answer}")

@@ -41,7 +41,8 @@ def synth(
         str, typer.Option("--wording", help="fixed (one wording) or varied (a different one per caption)")
     ] = "fixed",
     vqa: Annotated[
-        bool, typer.Option("--vqa", help="Also write vqa_train.jsonl, vqa_heldout.jsonl: questions and answers")
+        bool,
+        typer.Option("--vqa", help="Also write vqa_train.jsonl, vqa_heldout.jsonl: questions and answers"),
     ] = False,
 ) -> None:
     """Write captioned scenes of coloured shapes: images/, train.jsonl, heldout.jsonl, heldout_binding.jsonl
@@ -74,4 +75,6 @@ def synth(
         err=True,
     )
     if vqa:
-        typer.echo(f"questions: {s['vqa']['train']} train, {s['vqa']['heldout']} heldout (vqa_*.jsonl)", err=True)
+        typer.echo(
+            f"questions: {s['vqa']['train']} train, {s['vqa']['heldout']} heldout (vqa_*.jsonl)", err=True
+        )

@@ -42,7 +42,8 @@ def train(
         ),
     ] = None,
     vision: Annotated[
-        str | None, typer.Option("--vision", help="--task vlm: vision tower, a checkpoint DIR or an OpenCLIP ARCH[:TAG]")
+        str | None,
+        typer.Option("--vision", help="--task vlm: vision tower, a checkpoint DIR or an OpenCLIP ARCH[:TAG]"),
     ] = None,
 ) -> None:
     """Train an ITC + ITM (ALBEF-style) model on image-text pairs, a captioner (--task caption), or (--task vlm)
@@ -99,7 +100,10 @@ def evaluate(
         str, typer.Option("--templates", help="Zero-shot prompts: openai, simple, plain, or a file with {c}")
     ] = "openai",
     vqa: Annotated[
-        Path | None, typer.Option("--vqa", help="Image + question + answer rows: exact-match accuracy of a VLM checkpoint")
+        Path | None,
+        typer.Option(
+            "--vqa", help="Image + question + answer rows: exact-match accuracy of a VLM checkpoint"
+        ),
     ] = None,
     device: Annotated[str, typer.Option("--device")] = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="JSON on stdout, nothing else")] = False,

@@ -21,7 +21,9 @@ def make_tiny_llm(folder: Path, seed: int = 0, chat: bool = False, layers: int =
     vocab = {w: i for i, w in enumerate(specials + sorted(set(WORDS)))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
     if chat:
         fast.chat_template = (
             "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} <eos> {% endfor %}"
@@ -29,9 +31,17 @@ def make_tiny_llm(folder: Path, seed: int = 0, chat: bool = False, layers: int =
         )
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-        pad_token_id=0, eos_token_id=1, bos_token_id=1, tie_word_embeddings=True,
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
+        tie_word_embeddings=True,
     )
     folder.mkdir(parents=True, exist_ok=True)
     LlamaForCausalLM(config).save_pretrained(folder)

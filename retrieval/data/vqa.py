@@ -14,8 +14,12 @@ from retrieval.errors import UserError
 
 KINDS = ("color", "shape", "size", "count", "relation")
 _NUMBERS = {1: "one", 2: "two"}
-_OTHER_AXIS = {"left of": ("above", "below"), "right of": ("above", "below"), "above": ("left of", "right of"),
-               "below": ("left of", "right of")}
+_OTHER_AXIS = {
+    "left of": ("above", "below"),
+    "right of": ("above", "below"),
+    "above": ("left of", "right of"),
+    "below": ("left of", "right of"),
+}
 
 
 def questions_for(row: dict[str, Any], rng: random.Random) -> list[dict[str, str]]:

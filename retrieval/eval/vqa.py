@@ -22,7 +22,9 @@ def exact_match(predicted: list[str], rows: list[dict[str, Any]]) -> dict[str, A
     """{"accuracy", "n", "per_kind": {kind: accuracy}} of predictions against rows' "answer" (and "kind")."""
     hits: dict[str, list[int]] = defaultdict(list)
     for pred, row in zip(predicted, rows, strict=True):
-        hits[row.get("kind") or "all"].append(int(normalize_answer(pred) == normalize_answer(str(row["answer"]))))
+        hits[row.get("kind") or "all"].append(
+            int(normalize_answer(pred) == normalize_answer(str(row["answer"])))
+        )
     every = [h for v in hits.values() for h in v]
     return {
         "accuracy": round(sum(every) / max(1, len(every)), 4),
@@ -50,7 +52,9 @@ def read_questions(path: str | Path, limit: int | None = None) -> list[dict[str,
     return rows
 
 
-def evaluate_vqa(vlm, questions: str | Path, limit: int | None = None, progress: bool = True) -> dict[str, Any]:
+def evaluate_vqa(
+    vlm, questions: str | Path, limit: int | None = None, progress: bool = True
+) -> dict[str, Any]:
     """Answer every row greedily and score it."""
     from retrieval.pipelines.answer import AnswerConfig, answer_batch
 
@@ -61,7 +65,11 @@ def evaluate_vqa(vlm, questions: str | Path, limit: int | None = None, progress:
     was = vlm.training
     vlm.eval()
     answers = answer_batch(
-        vlm, [r["image_path"] for r in rows], [r["question"] for r in rows], AnswerConfig(max_new_tokens=6), progress
+        vlm,
+        [r["image_path"] for r in rows],
+        [r["question"] for r in rows],
+        AnswerConfig(max_new_tokens=6),
+        progress,
     )
     vlm.train(was)
     return exact_match(answers, rows)

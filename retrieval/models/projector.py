@@ -1,13 +1,13 @@
 """Connectors from a vision tower's patch tokens to a causal LLM, all from one builder (build_connector).
 
-    linear          each patch token -> one LLM token (LLaVA 1.0)
-    mlpNx_gelu      N linear layers with GELU between them (LLaVA 1.5: mlp2x_gelu)
-    downsample2x2   each 2x2 group of neighbouring tokens concatenated, then projected: a quarter of the tokens (VILA)
-    resampler       K learned queries cross-attend to the patch tokens: K tokens per image (BLIP-2's Q-Former, Flamingo's
-                    Perceiver resampler)
-    patches         no vision tower: raw pixel patches linearly projected into the decoder (Fuyu)
-    xattn           no image tokens in the sequence: gated cross-attention blocks inside the frozen LLM (Flamingo,
-                    models/xattn.py); the connector projects the patch tokens to the LLM's width as their memory
+linear          each patch token -> one LLM token (LLaVA 1.0)
+mlpNx_gelu      N linear layers with GELU between them (LLaVA 1.5: mlp2x_gelu)
+downsample2x2   each 2x2 group of neighbouring tokens concatenated, then projected: a quarter of the tokens (VILA)
+resampler       K learned queries cross-attend to the patch tokens: K tokens per image (BLIP-2's Q-Former, Flamingo's
+                Perceiver resampler)
+patches         no vision tower: raw pixel patches linearly projected into the decoder (Fuyu)
+xattn           no image tokens in the sequence: gated cross-attention blocks inside the frozen LLM (Flamingo,
+                models/xattn.py); the connector projects the patch tokens to the LLM's width as their memory
 """
 
 from __future__ import annotations
@@ -112,11 +112,15 @@ def build_connector(
     kind = cfg.type
     if kind == "patches":
         if image_size % cfg.patch:
-            raise UserError(f"connector patches: image size {image_size} is not a multiple of patch {cfg.patch}")
+            raise UserError(
+                f"connector patches: image size {image_size} is not a multiple of patch {cfg.patch}"
+            )
         body = PixelPatches(llm_width, cfg.patch, image_size)
         return Connector(cfg, body, (image_size // cfg.patch) ** 2, needs_vision=False)
     if vision_width is None or grid is None:
-        raise UserError(f"connector {kind} needs a vision tower (--vision CKPT); only patches works without one")
+        raise UserError(
+            f"connector {kind} needs a vision tower (--vision CKPT); only patches works without one"
+        )
     n = grid * grid
     m = _MLP.match(kind)
     if kind == "linear":
@@ -128,12 +132,18 @@ def build_connector(
         return Connector(cfg, Mlp(vision_width, llm_width, depth), n, True)
     if kind == "downsample2x2":
         if grid % 2:
-            raise UserError(f"connector downsample2x2: the vision tower's {grid}x{grid} patch grid is not even")
+            raise UserError(
+                f"connector downsample2x2: the vision tower's {grid}x{grid} patch grid is not even"
+            )
         return Connector(cfg, Downsample2x2(vision_width, llm_width, grid), n // 4, True)
     if kind == "resampler":
         if cfg.queries < 1 or llm_width % cfg.heads:
-            raise UserError(f"connector resampler: queries={cfg.queries}, heads={cfg.heads} do not fit width {llm_width}")
+            raise UserError(
+                f"connector resampler: queries={cfg.queries}, heads={cfg.heads} do not fit width {llm_width}"
+            )
         return Connector(cfg, Resampler(vision_width, llm_width, cfg.queries, cfg.heads), cfg.queries, True)
     if kind == "xattn":
         return Connector(cfg, nn.Linear(vision_width, llm_width), 0, True)
-    raise UserError(f"unknown connector type {kind!r}; known: {', '.join(TYPES)} (N a number, e.g. mlp2x_gelu)")
+    raise UserError(
+        f"unknown connector type {kind!r}; known: {', '.join(TYPES)} (N a number, e.g. mlp2x_gelu)"
+    )

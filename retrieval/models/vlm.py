@@ -55,7 +55,9 @@ def splice(
     k = image_embeds.shape[1]
     for b, row in enumerate(ids):
         if row.count(IMAGE_ID) != 1:
-            raise UserError(f"a prompt needs exactly one {PLACEHOLDER} placeholder; found {row.count(IMAGE_ID)}")
+            raise UserError(
+                f"a prompt needs exactly one {PLACEHOLDER} placeholder; found {row.count(IMAGE_ID)}"
+            )
         at = row.index(IMAGE_ID)
         text = torch.tensor([t for t in row if t != IMAGE_ID], device=image_embeds.device)
         e = embed(text)  # (L, D)
@@ -123,7 +125,9 @@ class Vlm(nn.Module):
         question = turns[0][0]
         user = question if PLACEHOLDER in question else self.prompt.template.replace("{question}", question)
         if user.count(PLACEHOLDER) != 1:
-            raise UserError(f"the prompt {user!r} needs exactly one {PLACEHOLDER} placeholder (see the template)")
+            raise UserError(
+                f"the prompt {user!r} needs exactly one {PLACEHOLDER} placeholder (see the template)"
+            )
         questions = [user] + [q.replace(PLACEHOLDER, "") for q, _ in turns[1:]]
         messages = [{"role": "system", "content": self.prompt.system}] if self.prompt.system else []
         segments: list[tuple[str, bool]] = []
@@ -167,7 +171,9 @@ class Vlm(nn.Module):
         text = "".join(lines)
         return text if open_turn or messages[-1]["role"] == "assistant" else text
 
-    def splice_batch(self, feats: Tensor, ids: list[list[int]], targets=None, pad_left: bool = False) -> Spliced:
+    def splice_batch(
+        self, feats: Tensor, ids: list[list[int]], targets=None, pad_left: bool = False
+    ) -> Spliced:
         tokens = self.connector(feats)  # (B, K, D), or the xattn memory (B, N, D)
         image = tokens[:, :0] if self.xattn is not None else tokens
         s = splice(ids, targets, image, self.llm.get_input_embeddings(), pad_left)

@@ -59,13 +59,20 @@ def vision_grid(vision: torch.nn.Module | None) -> tuple[int | None, int | None,
         tokens = encode_image_tokens(vision, torch.zeros(1, 3, side, side))[1]  # (1, N, Wv)
     grid = int(round(tokens.shape[1] ** 0.5))
     cfg = vision.visual.preprocess_cfg
-    return tokens.shape[-1], grid if grid * grid == tokens.shape[1] else None, side, {
-        "mean": [float(v) for v in cfg["mean"]],
-        "std": [float(v) for v in cfg["std"]],
-    }
+    return (
+        tokens.shape[-1],
+        grid if grid * grid == tokens.shape[1] else None,
+        side,
+        {
+            "mean": [float(v) for v in cfg["mean"]],
+            "std": [float(v) for v in cfg["std"]],
+        },
+    )
 
 
-def build_vlm(llm_name: str, vision_source: str | None, connector: ConnectorConfig, prompt: PromptConfig) -> Vlm:
+def build_vlm(
+    llm_name: str, vision_source: str | None, connector: ConnectorConfig, prompt: PromptConfig
+) -> Vlm:
     """A fresh VLM: the connector initialised, the LLM and the tower as loaded."""
     vision, vision_id = load_vision(vision_source) if connector.type != "patches" else (None, None)
     llm = load_llm(llm_name)
@@ -116,9 +123,13 @@ def read_vlm_config(directory: str | os.PathLike) -> dict[str, Any]:
     try:
         config = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{directory}: not a VLM checkpoint ({type(e).__name__}); train one with --task vlm") from e
+        raise UserError(
+            f"{directory}: not a VLM checkpoint ({type(e).__name__}); train one with --task vlm"
+        ) from e
     if config.get("format") != FORMAT:
-        raise UserError(f"{directory}: not a VLM checkpoint (format={config.get('format')!r}); train one with --task vlm")
+        raise UserError(
+            f"{directory}: not a VLM checkpoint (format={config.get('format')!r}); train one with --task vlm"
+        )
     return config
 
 
@@ -159,7 +170,9 @@ def load_weights(vlm: Vlm, directory: str | os.PathLike, check: bool = True) -> 
     config = read_vlm_config(directory)
     if check:
         if config["llm"]["digest"] != vlm.llm_identity["digest"]:
-            raise UserError(f"{directory} was trained with the LLM {config['llm']['name']}, not {vlm.llm_identity['name']}")
+            raise UserError(
+                f"{directory} was trained with the LLM {config['llm']['name']}, not {vlm.llm_identity['name']}"
+            )
         theirs, ours = (config["vision"] or {}).get("weights"), (vlm.vision_identity or {}).get("weights")
         if theirs != ours:
             raise UserError(f"{directory} was trained with another vision tower ({theirs}, this run: {ours})")
@@ -172,7 +185,11 @@ def load_weights(vlm: Vlm, directory: str | os.PathLike, check: bool = True) -> 
             if part and module is not None:
                 module.load_state_dict(part)
         if name in ("lora", "llm"):
-            if check and config["tune"] == "lora" and not any("lora_" in k for k, _ in vlm.llm.named_parameters()):
+            if (
+                check
+                and config["tune"] == "lora"
+                and not any("lora_" in k for k, _ in vlm.llm.named_parameters())
+            ):
                 raise UserError(f"{directory} holds LoRA adapters: set tune=lora to continue from it")
             _, unexpected = vlm.llm.load_state_dict(state, strict=False)
             if unexpected:

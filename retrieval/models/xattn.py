@@ -71,10 +71,14 @@ def decoder_layers(llm: nn.Module) -> nn.ModuleList:
         layers = getattr(base, name, None)
         if isinstance(layers, nn.ModuleList):
             return layers
-    raise UserError(f"connector xattn: cannot find the decoder layers of {type(llm).__name__}; use another connector")
+    raise UserError(
+        f"connector xattn: cannot find the decoder layers of {type(llm).__name__}; use another connector"
+    )
 
 
-def insert_cross_attention(llm: nn.Module, every: int, heads: int, width: int) -> tuple[nn.ModuleList, XattnState]:
+def insert_cross_attention(
+    llm: nn.Module, every: int, heads: int, width: int
+) -> tuple[nn.ModuleList, XattnState]:
     """Wrap every `every`-th decoder layer (the first included) in place; returns (the new blocks, their state)."""
     layers = decoder_layers(llm)
     if every < 1 or width % heads:

@@ -65,8 +65,13 @@ def generate(vlm, pixels: torch.Tensor, questions: list[str], cfg: AnswerConfig)
     ids = [vlm.encode(q)[0] for q in questions]
     s = vlm.splice_batch(feats, ids, pad_left=True)
     model, kw = vlm.llm, _cache_kw(vlm.llm)
-    out = model(inputs_embeds=s.embeds, attention_mask=s.attention_mask, position_ids=s.position_ids,
-                use_cache=True, logits_to_keep=1)
+    out = model(
+        inputs_embeds=s.embeds,
+        attention_mask=s.attention_mask,
+        position_ids=s.position_ids,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     past = _past(out)
     if vlm.xstate is not None:
         vlm.xstate.mask = None  # every generated position comes after the image
@@ -84,8 +89,14 @@ def generate(vlm, pixels: torch.Tensor, questions: list[str], cfg: AnswerConfig)
                 return
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             pos = pos + 1
-            out = model(input_ids=token[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
-                        logits_to_keep=1, **{kw: past})
+            out = model(
+                input_ids=token[:, None],
+                attention_mask=mask,
+                position_ids=pos,
+                use_cache=True,
+                logits_to_keep=1,
+                **{kw: past},
+            )
             past = _past(out)
     finally:
         if vlm.xstate is not None:
@@ -110,8 +121,9 @@ def answer_stream(vlm, image: str, question: str, cfg: AnswerConfig = AnswerConf
             said = text
 
 
-def answer_batch(vlm, images: list[str], questions: list[str], cfg: AnswerConfig = AnswerConfig(),
-                 progress: bool = False) -> list[str]:
+def answer_batch(
+    vlm, images: list[str], questions: list[str], cfg: AnswerConfig = AnswerConfig(), progress: bool = False
+) -> list[str]:
     """One answer per (image, question), in batches of cfg.batch_size; unreadable images raise UserError."""
     from retrieval.progress import progress_bar
 

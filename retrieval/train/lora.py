@@ -12,7 +12,10 @@ def add_lora(llm: nn.Module, cfg: dict[str, Any]) -> list[nn.Parameter]:
     from peft import LoraConfig, inject_adapter_in_model
 
     config = LoraConfig(
-        r=int(cfg["rank"]), lora_alpha=float(cfg["alpha"]), target_modules=list(cfg["targets"]), lora_dropout=0.0
+        r=int(cfg["rank"]),
+        lora_alpha=float(cfg["alpha"]),
+        target_modules=list(cfg["targets"]),
+        lora_dropout=0.0,
     )
     inject_adapter_in_model(config, llm)
     return [p for name, p in llm.named_parameters() if "lora_" in name]

@@ -36,6 +36,7 @@ RESUME = "resume"
 
 def _schedule(cfg: VlmTrainConfig, total: int, clock: dict[str, float]):
     """Linear warmup, then cosine over the steps, or over time when cfg.time_budget_min is set."""
+
     def f(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
@@ -48,10 +49,14 @@ def _schedule(cfg: VlmTrainConfig, total: int, clock: dict[str, float]):
     return f
 
 
-def _trainable(vlm, cfg: VlmTrainConfig, stage: int) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+def _trainable(
+    vlm, cfg: VlmTrainConfig, stage: int
+) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
     """(connector parameters, LLM parameters that learn in this stage); everything else frozen."""
     vlm.llm.requires_grad_(False)
-    connector = list(vlm.connector.parameters()) + (list(vlm.xattn.parameters()) if vlm.xattn is not None else [])
+    connector = list(vlm.connector.parameters()) + (
+        list(vlm.xattn.parameters()) if vlm.xattn is not None else []
+    )
     for p in connector:
         p.requires_grad_(True)
     llm: list[torch.nn.Parameter] = []
@@ -96,13 +101,20 @@ def _batch(vlm, cfg: VlmTrainConfig, chats, stage: int, rng: np.random.Generator
 
 
 def train_vlm(
-    data: str, out: str | os.PathLike, vision: str | None, cfg: VlmTrainConfig, resume: bool = False,
-    progress: bool = True, stop_after: int | None = None,
+    data: str,
+    out: str | os.PathLike,
+    vision: str | None,
+    cfg: VlmTrainConfig,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
 ) -> dict[str, Any]:
     """Train to stage1_steps + steps, or only up to `stop_after` (--resume continues)."""
     out = Path(out)
     if not resume and (out / RESUME / "state.pt").exists():
-        raise UserError(f"{out} already holds a training run; pass --resume to continue it, or choose another --out")
+        raise UserError(
+            f"{out} already holds a training run; pass --resume to continue it, or choose another --out"
+        )
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -126,9 +138,13 @@ def train_vlm(
     feats = cache_features(vlm, pixels)  # (N, ...) the frozen tower's output per image
     stages = [(1, cfg.stage1_steps if rows.captions else 0), (2, cfg.steps if rows.qa else 0)]
     total = sum(n for _, n in stages)
-    all_params = list(vlm.connector.parameters()) + (list(vlm.xattn.parameters()) if vlm.xattn is not None else [])
+    all_params = list(vlm.connector.parameters()) + (
+        list(vlm.xattn.parameters()) if vlm.xattn is not None else []
+    )
     _, llm_params = _trainable(vlm, cfg, 2)
-    groups = [{"params": all_params, "lr": cfg.lr}] + ([{"params": llm_params, "lr": cfg.llm_lr}] if llm_params else [])
+    groups = [{"params": all_params, "lr": cfg.lr}] + (
+        [{"params": llm_params, "lr": cfg.llm_lr}] if llm_params else []
+    )
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     clock = {"elapsed": 0.0}
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, total, clock))
@@ -169,7 +185,9 @@ def train_vlm(
                     loss = vlm.loss(batch, ids, learn)
                 loss.backward()
                 if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
+                    torch.nn.utils.clip_grad_norm_(
+                        [p for g in opt.param_groups for p in g["params"]], cfg.grad_clip
+                    )
                 opt.step()
                 clock["elapsed"] = time.perf_counter() - began
                 sched.step()
@@ -179,7 +197,9 @@ def train_vlm(
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == total:
                     record = {
-                        "step": step, "stage": stage, "loss": round(sum(window) / len(window), 5),
+                        "step": step,
+                        "stage": stage,
+                        "loss": round(sum(window) / len(window), 5),
                         "lr": sched.get_last_lr()[0],
                         "images_per_s": round(len(window) * cfg.batch_size / (time.perf_counter() - t0), 2),
                         "cpu_s_per_step": round((time.process_time() - cpu0) / len(window), 3),
@@ -204,11 +224,19 @@ def train_vlm(
     except KeyboardInterrupt:
         bar.close()
         _save(out, vlm, cfg, opt, sched, step, data, metrics)
-        raise Interrupted(f"stopped at step {step} of {total}; the checkpoint of step {step} in {out} is kept; --resume continues") from None
+        raise Interrupted(
+            f"stopped at step {step} of {total}; the checkpoint of step {step} in {out} is kept; --resume continues"
+        ) from None
     bar.close()
     if step > start:
-        _append(log_path, {"step": step, "train_wall_s": round(time.perf_counter() - began, 1),
-                           "train_cpu_s": round(time.process_time() - cpu_began, 1)})
+        _append(
+            log_path,
+            {
+                "step": step,
+                "train_wall_s": round(time.perf_counter() - began, 1),
+                "train_cpu_s": round(time.process_time() - cpu_began, 1),
+            },
+        )
     if step == start and start:
         log_line(f"{out} had already reached step {start}")
     return {"out": str(out), "steps": step, "metrics": metrics, "model": vlm}
@@ -243,7 +271,12 @@ def _save(out: Path, vlm, cfg, opt, sched, step: int, data: str, metrics) -> Non
     weights = {k: v.detach().contiguous() for k, v in vlm.named_parameters() if id(v) in names}
     save_file(weights, str(state_dir / ".trainable.safetensors.tmp"))
     torch.save(
-        {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state()},
+        {
+            "step": step,
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        },
         state_dir / ".state.pt.tmp",
     )
     os.replace(state_dir / ".trainable.safetensors.tmp", state_dir / "trainable.safetensors")

@@ -29,7 +29,9 @@ class VlmTrainConfig:
     llm: str = "smollm2-135m"  # preset (models/llm.py), hub name, local folder or .gguf file
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
-    tune: str = "frozen"  # stage 2: frozen (connector alone) | lora | full; stage 1 always trains the connector alone
+    tune: str = (
+        "frozen"  # stage 2: frozen (connector alone) | lora | full; stage 1 always trains the connector alone
+    )
     lora: LoraConfig = field(default_factory=LoraConfig)
     init_checkpoint: str | None = None  # a VLM checkpoint whose connector (and adapters) to start from, e.g.
     # stage 1 or a frozen-LLM run before a LoRA stage 2; its LLM and tower must be the ones of this run
@@ -51,7 +53,9 @@ class VlmTrainConfig:
     seed: int = 0
     log_every: int = 10
     save_every: int = 100
-    eval_questions: str | None = None  # VQA rows to score during training (exact match), e.g. vqa_heldout.jsonl
+    eval_questions: str | None = (
+        None  # VQA rows to score during training (exact match), e.g. vqa_heldout.jsonl
+    )
     eval_every: int = 300
     eval_limit: int = 500  # rows of eval_questions used during training
 

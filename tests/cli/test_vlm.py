@@ -7,8 +7,17 @@ import pytest
 from tests.cli.conftest import invoke, sets
 from tests.tiny_llm import make_tiny_llm
 
-TINY_VLM = ["stage1_steps=0", "steps=4", "batch_size=4", "turns=2", "time_budget_min=0", "save_every=2",
-            "log_every=1", "warmup_steps=1", "precision=fp32"]
+TINY_VLM = [
+    "stage1_steps=0",
+    "steps=4",
+    "batch_size=4",
+    "turns=2",
+    "time_budget_min=0",
+    "save_every=2",
+    "log_every=1",
+    "warmup_steps=1",
+    "precision=fp32",
+]
 
 
 @pytest.fixture(scope="module")
@@ -26,11 +35,21 @@ def vlm_run(tmp_path_factory):
     clip, _ = create_clip("test-micro")
     save_checkpoint(root / "vision", "test-micro", {"dual_encoder": clip})
     llm = make_tiny_llm(root / "llm", chat=True)
-    args = ["train", root / "scenes" / "vqa_train.jsonl", "--out", root / "ck", "--task", "vlm", "-q",
-            "--vision", root / "vision", *sets(f"llm={llm}", *TINY_VLM)]
+    args = [
+        "train",
+        root / "scenes" / "vqa_train.jsonl",
+        "--out",
+        root / "ck",
+        "--task",
+        "vlm",
+        "-q",
+        "--vision",
+        root / "vision",
+        *sets(f"llm={llm}", *TINY_VLM),
+    ]
     first = invoke(runner, *args, "--stop-after", "2")
     assert first.exit_code == 0, first.output
-    resumed = invoke(runner, *args[:-2 * len(TINY_VLM) - 2], "--resume")  # the run's own config and tower
+    resumed = invoke(runner, *args[: -2 * len(TINY_VLM) - 2], "--resume")  # the run's own config and tower
     assert resumed.exit_code == 0, resumed.output
     return root, llm
 
@@ -38,7 +57,9 @@ def vlm_run(tmp_path_factory):
 def test_data_synth_vqa_writes_every_kind(vlm_run):
     root, _ = vlm_run
     for split in ("train", "heldout"):
-        rows = [json.loads(line) for line in (root / "scenes" / f"vqa_{split}.jsonl").read_text().splitlines()]
+        rows = [
+            json.loads(line) for line in (root / "scenes" / f"vqa_{split}.jsonl").read_text().splitlines()
+        ]
         assert {"color", "shape", "size", "count"} <= {r["kind"] for r in rows}
         assert all(r["image"].startswith(f"images/{split}/") for r in rows)
         assert all(len(r["answer"].split()) == 1 for r in rows)
@@ -56,11 +77,31 @@ def test_train_vlm_stops_and_resumes(vlm_run):
 def test_ask_single_and_batch(vlm_run, runner):
     root, _ = vlm_run
     image = root / "scenes" / "images" / "train" / "000000.jpg"
-    result = invoke(runner, "ask", image, "what colour is the circle ?", "--checkpoint", root / "ck",
-                    "--max-new-tokens", "3")
+    result = invoke(
+        runner,
+        "ask",
+        image,
+        "what colour is the circle ?",
+        "--checkpoint",
+        root / "ck",
+        "--max-new-tokens",
+        "3",
+    )
     assert result.exit_code == 0, result.output
-    result = invoke(runner, "ask", "--batch", root / "scenes" / "vqa_heldout.jsonl", "--checkpoint", root / "ck",
-                    "--json", "-q", "--max-new-tokens", "3", "--temperature", "1.0")
+    result = invoke(
+        runner,
+        "ask",
+        "--batch",
+        root / "scenes" / "vqa_heldout.jsonl",
+        "--checkpoint",
+        root / "ck",
+        "--json",
+        "-q",
+        "--max-new-tokens",
+        "3",
+        "--temperature",
+        "1.0",
+    )
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     n = len((root / "scenes" / "vqa_heldout.jsonl").read_text().splitlines())
@@ -69,8 +110,9 @@ def test_ask_single_and_batch(vlm_run, runner):
 
 def test_eval_vqa(vlm_run, runner):
     root, _ = vlm_run
-    result = invoke(runner, "eval", "--vqa", root / "scenes" / "vqa_heldout.jsonl", "--checkpoint", root / "ck",
-                    "--json")
+    result = invoke(
+        runner, "eval", "--vqa", root / "scenes" / "vqa_heldout.jsonl", "--checkpoint", root / "ck", "--json"
+    )
     assert result.exit_code == 0, result.output
     scores = json.loads(result.stdout)
     assert 0 <= scores["accuracy"] <= 1 and set(scores["per_kind"]) >= {"color", "count"}
@@ -99,17 +141,44 @@ def test_ask_errors_are_one_line(vlm_run, runner, tmp_path):
 def test_lora_stage_from_a_checkpoint(vlm_run, runner):
     root, llm = vlm_run
     out = root / "lora"
-    args = ["train", root / "scenes" / "vqa_train.jsonl", "--out", out, "--task", "vlm", "-q", "--vision",
-            root / "vision", *sets(f"llm={llm}", *TINY_VLM, "tune=lora", "lora.targets=[\"q_proj\"]",
-                                   f"init_checkpoint={root / 'ck'}", "steps=2")]
+    args = [
+        "train",
+        root / "scenes" / "vqa_train.jsonl",
+        "--out",
+        out,
+        "--task",
+        "vlm",
+        "-q",
+        "--vision",
+        root / "vision",
+        *sets(
+            f"llm={llm}",
+            *TINY_VLM,
+            "tune=lora",
+            'lora.targets=["q_proj"]',
+            f"init_checkpoint={root / 'ck'}",
+            "steps=2",
+        ),
+    ]
     result = invoke(runner, *args)
     assert result.exit_code == 0, result.output
     config = json.loads((out / "config.json").read_text())
     assert config["tune"] == "lora" and set(config["components"]) == {"connector", "lora"}
     image = root / "scenes" / "images" / "train" / "000000.jpg"
-    result = invoke(runner, "ask", image, "what colour is the circle ?", "--checkpoint", out, "--json",
-                    "--max-new-tokens", "2")
+    result = invoke(
+        runner,
+        "ask",
+        image,
+        "what colour is the circle ?",
+        "--checkpoint",
+        out,
+        "--json",
+        "--max-new-tokens",
+        "2",
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["question"] == "what colour is the circle ?"
-    bad = invoke(runner, *args, "--set", f"init_checkpoint={out}", "--set", "tune=frozen", "--out", root / "x")
+    bad = invoke(
+        runner, *args, "--set", f"init_checkpoint={out}", "--set", "tune=frozen", "--out", root / "x"
+    )
     assert bad.exit_code == 2 and "tune=lora" in bad.stderr

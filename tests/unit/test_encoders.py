@@ -16,11 +16,11 @@ TINY = EncoderConfig(arch="test-micro", device="cpu")
 def test_presets_are_registered_with_open_clip():
     import open_clip
 
-    assert {"test-micro", "tiny-vit-64", "tiny-cvit-64"} == set(list_presets())  # not stems.json
+    assert {"test-micro", "tiny-vit-64", "tiny-cvit-64", "tiny-cvit-64-p16"} == set(list_presets())  # not stems.json
     assert set(list_presets()) <= set(open_clip.list_models())
 
 
-@pytest.mark.parametrize("arch", ["test-micro", "tiny-vit-64", "tiny-cvit-64"])
+@pytest.mark.parametrize("arch", ["test-micro", "tiny-vit-64", "tiny-cvit-64", "tiny-cvit-64-p16"])
 def test_every_preset_encodes_normalised_finite_vectors(arch):
     enc = load_encoder(EncoderConfig(arch=arch, device="cpu"))
     images = torch.randint(0, 255, (3, 3, enc.image_size, enc.image_size), dtype=torch.uint8)
