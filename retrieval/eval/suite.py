@@ -54,7 +54,9 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, cfg: SuiteConfig) -> Repo
     }
     report: Report = {}
     if pairs is not None or triples:
-        itc_only = pairs is not None and not triples and not cfg.recall.rerank_k and not has_fusion(checkpoint)
+        itc_only = (
+            pairs is not None and not triples and not cfg.recall.rerank_k and not has_fusion(checkpoint)
+        )
         # a checkpoint without an ITM head (objectives.itm=false) still has its ITC recall; re-ranking and
         # binding need the head, and with_fusion says so in one line
         model = _ItcOnly(clip) if itc_only else with_fusion(checkpoint, clip).to(device)

@@ -16,7 +16,9 @@ TINY = EncoderConfig(arch="test-micro", device="cpu")
 def test_presets_are_registered_with_open_clip():
     import open_clip
 
-    assert {"test-micro", "tiny-vit-64", "tiny-cvit-64", "tiny-cvit-64-p16"} == set(list_presets())  # not stems.json
+    assert {"test-micro", "tiny-vit-64", "tiny-cvit-64", "tiny-cvit-64-p16"} == set(
+        list_presets()
+    )  # not stems.json
     assert set(list_presets()) <= set(open_clip.list_models())
 
 
