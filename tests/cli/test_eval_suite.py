@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from tests.cli.conftest import invoke
+from tests.cli.conftest import TINY, invoke, sets
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +73,18 @@ def test_bad_eval_input_is_one_line_exit_2(runner, trained, tmp_path):
         assert result.exit_code == 2, (args, result.output)
         assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
         assert message in result.stderr and result.stdout == ""
+
+
+def test_a_checkpoint_without_an_itm_head_gets_its_itc_recall(runner, tiny_run, tmp_path):
+    scenes, _ = tiny_run
+    ck = tmp_path / "itc"
+    trained = invoke(runner, "train", scenes / "train.jsonl", "--out", ck, "-q",
+                     *sets(*TINY, "steps=2", "objectives.itm=false", "refine.steps=0"))  # fmt: skip
+    assert trained.exit_code == 0, trained.output
+    result = invoke(runner, "eval", scenes / "heldout.jsonl", "--checkpoint", ck, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert 0 <= report["t2i.R@1"] <= report["t2i.R@5"] <= 1
+    assert not any(k.startswith(("rerank", "binding")) for k in report)  # those need the head it lacks
+    refused = invoke(runner, "eval", scenes / "heldout.jsonl", "--checkpoint", ck, "--rerank", "4")
+    assert refused.exit_code == 2 and "no ITM head" in refused.stderr
