@@ -74,6 +74,30 @@ def stop_signals() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def deferred_stop() -> Iterator[None]:
+    """Within the block, SIGINT and SIGTERM wait: a signal that comes is delivered to the handler that was in
+    place when the block ends, so a short section (an optimizer step) is never left half done."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {
+        sig: signal.signal(sig, lambda signum, _frame: pending.append(signum)) for sig in STOP_SIGNALS
+    }
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        if pending:
+            old = previous[pending[0]]
+            if callable(old):
+                old(pending[0], None)  # stop_signals' handler or Python's default_int_handler: raises
+            elif old != signal.SIG_IGN:
+                os.kill(os.getpid(), pending[0])
+
+
+@contextlib.contextmanager
 def children_ignore_sigint() -> Iterator[None]:
     """Processes started within the block ignore SIGINT from their first instruction (an ignored signal stays
     ignored across exec), so Ctrl-C in a terminal, which reaches the whole process group, stops the command

@@ -24,13 +24,14 @@ from retrieval.errors import UserError
 from retrieval.lifecycle import Interrupted
 from retrieval.losses.captioning import lm_loss
 from retrieval.models.captioner import UNK, Captioner, CaptionerConfig, Vocab
-from retrieval.models.checkpoint import load_dual_encoder, save_checkpoint
-from retrieval.models.encoders import create_clip, normalize, resolve_device
+from retrieval.models.checkpoint import save_checkpoint
+from retrieval.models.encoders import normalize, resolve_device
 from retrieval.progress import progress_bar
 from retrieval.train import resume as saved
 from retrieval.train.config import TrainConfig
 from retrieval.train.data import BatchPlan, PairImages, TrainData, describe_skips, load_groups
 from retrieval.train.optim import fused_adamw, lr_lambda
+from retrieval.train.setup import start_clip
 
 
 class CaptionTask(nn.Module):
@@ -66,11 +67,7 @@ def build_captioner(cfg: TrainConfig, captions: list[str]) -> tuple[Captioner, s
     mc = cfg.model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        if mc.init_checkpoint:
-            clip, arch, _ = load_dual_encoder(mc.init_checkpoint)
-        else:
-            clip, _ = create_clip(mc.arch, mc.pretrained, cfg.seed)
-            arch = mc.arch
+        clip, arch = start_clip(mc, cfg.seed)
         vocab = Vocab.build(captions, cfg.caption.max_vocab)
         model = Captioner(clip, cfg.caption, vocab)
     if cfg.caption.freeze_image:

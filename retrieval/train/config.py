@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,7 +176,9 @@ def _set(data: dict[str, Any], cls: type, dotted: str, value: str) -> None:
             node_cls = hint
 
 
-def load_train_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+def config_data(cls: type, path: str | Path | None, overrides: Sequence[str], example: str) -> dict[str, Any]:
+    """A JSON config file (or nothing) with `--set key=value` overrides applied, checked against the dataclass
+    `cls`; `example` is a valid override, shown when one is malformed."""
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -184,9 +187,14 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] = ())
             raise UserError(f"{path}: cannot read the config ({e})") from e
     for item in overrides:
         if "=" not in item:
-            raise UserError(f"--set {item}: expected key=value, e.g. objectives.negatives=random")
+            raise UserError(f"--set {item}: expected key=value, e.g. {example}")
         key, value = item.split("=", 1)
-        _set(data, TrainConfig, key.strip(), value.strip())
+        _set(data, cls, key.strip(), value.strip())
+    return data
+
+
+def load_train_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    data = config_data(TrainConfig, path, overrides, "objectives.negatives=random")
     cfg = from_dict(TrainConfig, _with_preset(data))
     _check(cfg)
     return cfg

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from retrieval.data.pairs import load_pairs
 from retrieval.errors import UserError
-from retrieval.lifecycle import Interrupted
+from retrieval.lifecycle import Interrupted, deferred_stop
 from retrieval.models.checkpoint import save_checkpoint
 from retrieval.models.encoders import normalize
 from retrieval.progress import progress_bar
@@ -121,7 +121,6 @@ def _joint_steps(run: Run, start: int, last: int, log, eval_pairs, metrics, prog
     t0 = time.perf_counter()
     batches = run.data.batches(start * cfg.grad_accum)
     step = done = last_saved = start
-    stepping = False
     try:
         for step in range(start + 1, last + 1):
             run.task.train()
@@ -134,36 +133,37 @@ def _joint_steps(run: Run, start: int, last: int, log, eval_pairs, metrics, prog
                     window[k] = window.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
             if cfg.optim.grad_clip:
                 torch.nn.utils.clip_grad_norm_(run.task.parameters(), cfg.optim.grad_clip)
-            stepping = True  # from here to after_step the weights are between two steps
-            run.opt.step()
-            run.sched.step()
-            run.opt.zero_grad(set_to_none=True)
-            run.task.after_step()
-            stepping, done = False, step
-            bar.update(1)
-            if run.rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
-                n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
-                record = {
-                    "step": step,
-                    **{k: round(v / n, 5) for k, v in window.items()},
-                    "lr": run.sched.get_last_lr()[0],
-                    "temperature": round(1 / run.model.logit_scale.exp().item(), 5),
-                    "samples_per_s": round(
-                        n * cfg.batch_size * cfg.grad_accum * run.world / (time.perf_counter() - t0), 1
-                    ),
-                }
-                if eval_pairs is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
-                    metrics = _evaluate(run, eval_pairs)
-                    record.update({f"eval.{k}": v for k, v in metrics.items()})
-                log(record)
-                bar.set_postfix({"loss": f"{record['loss']:.3f}"})
-                window, t0 = {}, time.perf_counter()
-            if run.rank == 0 and (step % cfg.save_every == 0 or step == last):
-                _checkpoint(run, step, metrics)
-                last_saved = step
+            # a stop signal waits for the step to end, logged and saved as due: never weights between two steps
+            with deferred_stop():
+                run.opt.step()
+                run.sched.step()
+                run.opt.zero_grad(set_to_none=True)
+                run.task.after_step()
+                done = step
+                bar.update(1)
+                if run.rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
+                    n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
+                    record = {
+                        "step": step,
+                        **{k: round(v / n, 5) for k, v in window.items()},
+                        "lr": run.sched.get_last_lr()[0],
+                        "temperature": round(1 / run.model.logit_scale.exp().item(), 5),
+                        "samples_per_s": round(
+                            n * cfg.batch_size * cfg.grad_accum * run.world / (time.perf_counter() - t0), 1
+                        ),
+                    }
+                    if eval_pairs is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+                        metrics = _evaluate(run, eval_pairs)
+                        record.update({f"eval.{k}": v for k, v in metrics.items()})
+                    log(record)
+                    bar.set_postfix({"loss": f"{record['loss']:.3f}"})
+                    window, t0 = {}, time.perf_counter()
+                if run.rank == 0 and (step % cfg.save_every == 0 or step == last):
+                    _checkpoint(run, step, metrics)
+                    last_saved = step
     except KeyboardInterrupt:
         bar.close()
-        if run.rank == 0 and done > last_saved and not stepping:
+        if run.rank == 0 and done > last_saved:
             _checkpoint(run, done, metrics)  # every step up to `done` is complete: --resume continues exactly
             last_saved = done
         kept = (

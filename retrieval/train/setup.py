@@ -20,7 +20,7 @@ from retrieval.models.albef import AlbefModel, with_fusion
 from retrieval.models.checkpoint import load_dual_encoder, read_config
 from retrieval.models.encoders import autocast_dtype, create_clip, resolve_device
 from retrieval.models.towers import check_towers
-from retrieval.train.config import TrainConfig, pretrained_start
+from retrieval.train.config import ModelConfig, TrainConfig, pretrained_start
 from retrieval.train.data import BatchPlan, PairImages, TrainData, describe_skips, load_groups
 from retrieval.train.optim import fused_adamw, lr_lambda, param_groups
 from retrieval.train.tasks import ItcItmTask
@@ -70,17 +70,23 @@ def init_distributed() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if world > 1 else (0, 1)
 
 
+def start_clip(mc: ModelConfig, seed: int) -> tuple[torch.nn.Module, str]:
+    """(dual encoder, architecture) a run starts from: model.init_checkpoint's, else a new model.arch one (with
+    model.pretrained's weights, if any)."""
+    if mc.init_checkpoint:
+        clip, arch, _ = load_dual_encoder(mc.init_checkpoint)
+        return clip, arch
+    clip, _ = create_clip(mc.arch, mc.pretrained, seed)
+    return clip, mc.arch
+
+
 def build_model(cfg: TrainConfig) -> tuple[AlbefModel, str, bool]:
     """(model, architecture, whether its fusion came trained). A pretrained start keeps every trained parameter,
     its temperature included; only a model from scratch starts at objectives.temperature."""
     mc = cfg.model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        if mc.init_checkpoint:
-            clip, arch, _ = load_dual_encoder(mc.init_checkpoint)
-        else:
-            clip, _ = create_clip(mc.arch, mc.pretrained, cfg.seed)
-            arch = mc.arch
+        clip, arch = start_clip(mc, cfg.seed)
         if not pretrained_start(mc):
             with torch.no_grad():
                 clip.logit_scale.fill_(math.log(1.0 / cfg.objectives.temperature))

@@ -4,10 +4,8 @@ mlp2x_gelu connector, stage 2 on synth VQA rows within 30 minutes on 2 CPU cores
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from retrieval.config import from_dict
 from retrieval.errors import UserError
@@ -61,19 +59,9 @@ class VlmTrainConfig:
 
 
 def load_vlm_config(path: str | Path | None = None, overrides: list[str] = ()) -> VlmTrainConfig:
-    from retrieval.train.config import _set
+    from retrieval.train.config import config_data
 
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"{path}: cannot read the config ({e})") from e
-    for item in overrides:
-        if "=" not in item:
-            raise UserError(f"--set {item}: expected key=value, e.g. connector.type=resampler")
-        key, value = item.split("=", 1)
-        _set(data, VlmTrainConfig, key.strip(), value.strip())
+    data = config_data(VlmTrainConfig, path, overrides, "connector.type=resampler")
     cfg = from_dict(VlmTrainConfig, data)
     if cfg.tune not in TUNE:
         raise UserError(f"tune={cfg.tune!r}: expected one of {', '.join(TUNE)}")

@@ -14,7 +14,7 @@ import typer
 
 from cli.errors import handle_errors
 from retrieval.config import WatchConfig
-from retrieval.lifecycle import EXIT_INTERRUPTED, Interrupted
+from retrieval.lifecycle import EXIT_INTERRUPTED, Interrupted, deferred_stop, stop_signals
 from retrieval.pipelines import indexer
 from retrieval.pipelines.watch import Changes, relevant
 
@@ -158,3 +158,15 @@ def test_relevant_events_are_images_and_folders_not_hidden_files():
     assert relevant("/p/a/new-album", True)
     assert not relevant("/p/a/notes.txt", False)
     assert not relevant("/p/a/.IMG_1.jpg.part", False)
+
+
+def test_a_stop_signal_waits_for_the_end_of_a_deferred_section():
+    finished = []
+    with pytest.raises(KeyboardInterrupt), stop_signals():
+        with deferred_stop():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the signal has arrived: the section still runs to its end
+            finished.append(True)
+        finished.append(False)  # but nothing after it
+    assert finished == [True]
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # both handlers restored
