@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from retrieval.data.pairs import PairStats
+from retrieval.data.recolour import choose
 from retrieval.errors import UserError
 from retrieval.lifecycle import Interrupted
 from retrieval.losses.captioning import lm_loss
@@ -98,7 +99,8 @@ def train_captioner(
     size = int(size[0] if isinstance(size, (tuple, list)) else size)
     images = PairImages(groups.images, size, cfg.cache_images, cfg.max_cache_gb, progress)
     plan = BatchPlan(images.valid, cfg.batch_size, cfg.seed)
-    data = TrainData(groups, images, lambda texts: model.tokenize(texts), plan, False)
+    prob, recolour_why = choose(cfg.caption.recolour, cfg.caption.recolour_prob, groups.captions)
+    data = TrainData(groups, images, lambda texts: model.tokenize(texts), plan, False, prob)
     task = CaptionTask(model, model.cfg, cfg.seed).to(device)
     torch.manual_seed(cfg.seed + 1)  # dropout draws: a fresh run repeats itself; a resumed one restores them
     params = [p for p in task.parameters() if p.requires_grad]
@@ -117,7 +119,8 @@ def train_captioner(
 
     log_line(
         f"captioner: {len(groups)} images, {len(groups.captions)} captions from {source} "
-        f"({describe_skips(stats, images)}); vocabulary {len(model.vocab)}; steps {start}->{cfg.steps}"
+        f"({describe_skips(stats, images)}); vocabulary {len(model.vocab)}; {recolour_why}; "
+        f"steps {start}->{cfg.steps}"
     )
     last = min(cfg.steps, stop_after) if stop_after else cfg.steps
     step = _steps(task, data, opt, sched, cfg, device, start, last, out, arch, source, log_path, progress)
@@ -136,7 +139,9 @@ def _steps(task, data, opt, sched, cfg, device, start, last, out, arch, source, 
     pre = task.model.clip.visual.preprocess_cfg
     window: dict[str, float] = {}
     t0, done, last_saved = time.perf_counter(), start, start
-    cache = _token_cache(task.model, data, device, progress) if task.cfg.freeze_image else None
+    # a frozen tower's tokens are the same every epoch unless the images are recoloured
+    frozen = task.cfg.freeze_image and not data.recolour_prob
+    cache = _token_cache(task.model, data, device, progress) if frozen else None
     batches = data.batches(start) if cache is None else _cached_batches(data, cache, start)
     try:
         for step in range(start + 1, last + 1):
@@ -187,7 +192,7 @@ def _steps(task, data, opt, sched, cfg, device, start, last, out, arch, source, 
 @torch.inference_mode()
 def _token_cache(model: Captioner, data: TrainData, device, progress: bool, batch: int = 128) -> Tensor:
     """(I, N, Wv) the frozen tower's tokens of every training image, computed once: a frozen tower gives the
-    same tokens every epoch (no augmentation here), so the steps run the decoder alone."""
+    same tokens every epoch (when nothing recolours the images), so the steps run the decoder alone."""
     pre = model.clip.visual.preprocess_cfg
     n = len(data.groups)
     model.clip.eval()

@@ -18,6 +18,7 @@ import torch
 from retrieval.data.grouping import ImageGroups, group_pairs
 from retrieval.data.images import ImageDecodeError, load_for_model
 from retrieval.data.pairs import Pair, PairStats, iter_pairs
+from retrieval.data.recolour import colours_named, draw_permutations, recolour, swap_words
 from retrieval.errors import UserError
 from retrieval.progress import progress_bar
 from retrieval.train.negatives import Vocabulary, negative_captions
@@ -111,7 +112,8 @@ class BatchPlan:
 class TrainData:
     """Batches of a plan: each image of the batch with one of its captions, drawn with a generator seeded by
     (seed, micro-step, rank), so over the epochs every caption is seen and a resumed run draws the same. With
-    text_negatives, each row also gets a generated false caption, drawn the same way."""
+    text_negatives, each row also gets a generated false caption, drawn the same way. With recolour_prob > 0, a
+    row is recoloured with that probability (data/recolour.py: hues and colour words permuted together)."""
 
     def __init__(
         self,
@@ -120,9 +122,12 @@ class TrainData:
         tokenizer,
         plan: BatchPlan,
         text_negatives: bool = False,
+        recolour_prob: float = 0.0,
     ):
         self.groups, self.images, self.plan, self.tokenizer = groups, images, plan, tokenizer
+        self.recolour_prob = recolour_prob
         self.captions = groups.captions
+        self.colours = colours_named(self.captions) if recolour_prob > 0 else []
         self.tokens = tokenizer(self.captions).to(torch.int32)  # (C, L): half the memory of int64
         self.ids = groups.caption_ids  # (C,) the positive key of a drawn caption
         self.vocabulary = Vocabulary(self.captions) if text_negatives else None
@@ -141,10 +146,20 @@ class TrainData:
         else:
             pixels, idx = self._decode(idx, micro_step)
         chosen = self.pick_captions(idx, self.plan.step_seed(micro_step, salt=29))  # (B,) captions
-        batch = TrainBatch(pixels, self.tokens[chosen].long(), self.ids[chosen])
+        texts = [self.captions[c] for c in chosen]
+        if self.recolour_prob > 0:
+            g = torch.Generator().manual_seed(self.plan.step_seed(micro_step, salt=37))
+            perms = draw_permutations(len(chosen), self.recolour_prob, g, self.colours)
+            pixels = recolour(pixels, perms)
+            texts = [t if perm is None else swap_words(t, perm) for t, perm in zip(texts, perms, strict=True)]
+            key: dict[str, int] = {}
+            ids = torch.tensor([key.setdefault(t, len(key)) for t in texts])  # (B,) positives: the same text
+            batch = TrainBatch(pixels, self.tokenizer(texts).long(), ids)
+        else:
+            batch = TrainBatch(pixels, self.tokens[chosen].long(), self.ids[chosen])
         if self.vocabulary is not None:
             seed = self.plan.step_seed(micro_step, salt=7)
-            negatives, valid = negative_captions([self.captions[c] for c in chosen], seed, self.vocabulary)
+            negatives, valid = negative_captions(texts, seed, self.vocabulary)
             batch.negative_tokens = self.tokenizer(negatives)  # (B, L)
             batch.negative_valid = torch.tensor(valid)  # (B,)
         return batch

@@ -23,13 +23,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from retrieval.data.recolour import choose, colours_named
 from retrieval.errors import UserError
 from retrieval.lifecycle import Interrupted
 from retrieval.models.vlm_checkpoint import build_vlm, save_vlm
 from retrieval.progress import progress_bar
 from retrieval.train.setup import log_line
 from retrieval.train.vlm_config import VlmTrainConfig
-from retrieval.train.vlm_data import cache_features, draw, load_pixels, read_rows
+from retrieval.train.vlm_data import Recoloured, cache_features, draw, load_pixels, read_rows
 
 RESUME = "resume"
 
@@ -136,6 +137,11 @@ def train_vlm(
         load_weights(vlm, cfg.init_checkpoint)
     pixels, ok = load_pixels(rows.images, vlm.image["size"], progress)
     feats = cache_features(vlm, pixels)  # (N, ...) the frozen tower's output per image
+    texts = [c for _, c in rows.captions] + [f"{q} {a}" for _, q, a in rows.qa]
+    prob, recolour_why = choose(cfg.recolour, cfg.recolour_prob, texts)
+    copies = None
+    if prob and cfg.recolour_variants > 0:
+        copies = Recoloured(vlm, pixels, feats, colours_named(texts), cfg.recolour_variants, cfg.seed)
     stages = [(1, cfg.stage1_steps if rows.captions else 0), (2, cfg.steps if rows.qa else 0)]
     total = sum(n for _, n in stages)
     all_params = list(vlm.connector.parameters()) + (
@@ -156,7 +162,7 @@ def train_vlm(
     log_line(
         f"{len(rows.images)} images, {len(rows.captions)} captions, {len(rows.qa)} questions from {data} "
         f"({rows.skipped} rows skipped, {ok.count(False)} images unreadable); connector {cfg.connector.type} "
-        f"({vlm.connector.tokens} image tokens), LLM {cfg.llm} {cfg.tune}; steps {start}->{total}"
+        f"({vlm.connector.tokens} image tokens), LLM {cfg.llm} {cfg.tune}; {recolour_why}; steps {start}->{total}"
     )
     last = min(total, stop_after) if stop_after else total
     bar = progress_bar(desc="train vlm", unit="step", enabled=progress, total=total, initial=start)
@@ -178,9 +184,16 @@ def train_vlm(
             vlm.connector.train()
             while step < min(offset + n, last):
                 pick = [usable[i] for i in draw(len(usable), cfg.batch_size, cfg.seed + stage, step)]
-                batch = feats[torch.tensor([images[i] for i in pick])]
+                index = torch.tensor([images[i] for i in pick])  # (B,)
+                drawn = [chats[i] for i in pick]
+                if copies is None:
+                    batch = feats[index]
+                else:
+                    batch, drawn = copies.draw(
+                        index, drawn, prob, np.random.default_rng((cfg.seed, stage, step, 2))
+                    )
                 rng = np.random.default_rng((cfg.seed, stage, step, 1))
-                ids, learn = _batch(vlm, cfg, [chats[i] for i in pick], stage, rng)
+                ids, learn = _batch(vlm, cfg, drawn, stage, rng)
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
                     loss = vlm.loss(batch, ids, learn)
                 loss.backward()

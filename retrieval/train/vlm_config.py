@@ -48,6 +48,13 @@ class VlmTrainConfig:
     # following elapsed time (whichever of time and steps is further along); a budgeted run resumes, not exactly
     precision: str = "bf16"  # bf16 autocast through the LLM (faster on CPUs with bf16 support) or fp32
     threads: int = 0  # torch CPU threads; 0: torch's default
+    recolour: str = (
+        "auto"  # auto | on | off: train on recoloured copies of the images with their colour words
+    )
+    # swapped to match (data/recolour.py), so colour/shape combinations the data lacks are seen; auto: on when
+    # most texts name a colour
+    recolour_prob: float = 0.5  # share of a batch's images drawn as a recoloured copy when on
+    recolour_variants: int = 8  # recoloured copies per image, their tower outputs cached like the image's own
     seed: int = 0
     log_every: int = 10
     save_every: int = 100

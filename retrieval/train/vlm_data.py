@@ -1,7 +1,7 @@
 """VLM training data: JSONL rows with image + caption (stage 1) or image + question + answer (stage 2).
 
-Images are decoded once; the frozen vision tower's outputs for them are computed once and cached (exact: nothing
-before the connector trains). Batches are a pure function of (seed, step), so a resumed run draws the same ones.
+Images are decoded once; the frozen vision tower's outputs for them (and for a few recoloured copies of them)
+are computed once and cached (exact: nothing before the connector trains). Batches are a pure function of (seed, step), so a resumed run draws the same ones.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from retrieval.data.images import ImageDecodeError, load_for_model
+from retrieval.data.recolour import draw_permutations, recolour, swap_words
 from retrieval.errors import UserError
 from retrieval.models.encoders import normalize
 from retrieval.progress import progress_bar
@@ -89,3 +90,37 @@ def cache_features(vlm, pixels: torch.Tensor, batch: int = 256) -> torch.Tensor:
 def draw(n: int, batch: int, seed: int, step: int) -> np.ndarray:
     """The row indices of one step: a pure function of (seed, step), so resume draws the same batches."""
     return np.random.default_rng((seed, step)).choice(n, size=min(batch, n), replace=False)
+
+
+class Recoloured:
+    """`variants` recoloured copies of every image's features (data/recolour.py: hues and colour words permuted
+    together), computed once like the plain ones, and the permutations that made them; `draw` swaps a batch's
+    rows for a copy with probability `prob` and rewrites their questions and answers to match."""
+
+    def __init__(
+        self, vlm, pixels: torch.Tensor, feats: torch.Tensor, among: list[int], variants: int, seed: int
+    ):
+        g = torch.Generator().manual_seed(seed + 41)
+        self.perms = [draw_permutations(len(pixels), 1.0, g, among) for _ in range(variants)]  # [K][N]
+        copies = [feats]
+        for perms in self.perms:
+            chunks = [
+                cache_features(vlm, recolour(pixels[s : s + 256], perms[s : s + 256]))
+                for s in range(0, len(pixels), 256)
+            ]
+            copies.append(torch.cat(chunks))
+        self.feats = torch.stack(copies)  # (K+1, N, ...): copy 0 is the image as it is
+
+    def draw(
+        self, index: torch.Tensor, chats: list[list[tuple[str, str]]], prob: float, rng: np.random.Generator
+    ) -> tuple[torch.Tensor, list[list[tuple[str, str]]]]:
+        """(features (B, ...), chats) for images `index` (B,): each row a recoloured copy with probability prob."""
+        n = len(index)
+        copy = np.where(rng.random(n) < prob, rng.integers(1, len(self.feats), n), 0)  # (B,)
+        out = []
+        for k, i, chat in zip(copy.tolist(), index.tolist(), chats, strict=True):
+            perm = self.perms[k - 1][i] if k else None
+            out.append(
+                chat if perm is None else [(swap_words(q, perm), swap_words(a, perm)) for q, a in chat]
+            )
+        return self.feats[torch.from_numpy(copy), index], out
