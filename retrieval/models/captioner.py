@@ -34,10 +34,9 @@ class CaptionerConfig:
     word_dropout: float = 0.3  # share of input (teacher-forced) words replaced by UNK in training: the next
     # word must come from the image, not from the words before it (unseen colour/shape combinations)
     label_smoothing: float = 0.1  # softer targets: a less peaked LM prior over seen combinations
-    recolour: str = "auto"  # auto | on | off: recolour training images and their colour words together
-    # (data/recolour.py), so colour/shape combinations the data lacks are seen; auto: on when most captions
-    # name a colour
-    recolour_prob: float = 0.5  # share of training rows recoloured when on
+    mirror: str = "auto"  # auto | on | off: mirror training images, swapping left/right (and above/below) in
+    # their captions (train/twins.py); auto: when refine.relation_terms' rule finds relation captions
+    mirror_prob: float = 0.5  # share of training rows mirrored when on
     freeze_image: bool = (
         True  # keep the image tower (e.g. an ITC-trained one) as it is: only the decoder trains
     )

@@ -76,6 +76,21 @@ def build_captioner(cfg: TrainConfig, captions: list[str]) -> tuple[Captioner, s
     return model, arch
 
 
+def _mirroring(cfg: TrainConfig, captions: list[str]) -> tuple[tuple[float, bool], str]:
+    """((probability, vertical flips too), why) for caption.mirror: auto follows refine.relation_terms' rule."""
+    from retrieval.train.refine import relation_terms
+
+    mode, prob = cfg.caption.mirror, cfg.caption.mirror_prob
+    if mode not in ("auto", "on", "off"):
+        raise UserError(f"caption.mirror={mode!r}: expected auto, on or off")
+    on, vertical, why = relation_terms(captions, cfg.refine, cfg.seed)
+    if mode != "auto":
+        on, why = mode == "on", f"caption.mirror={mode}"
+    if not on or prob <= 0:
+        return (0.0, False), f"mirror off ({why})"
+    return (prob, vertical), f"mirror on, p={prob:g}{', vertical too' if vertical else ''} ({why})"
+
+
 def train_captioner(
     source: str,
     out: Path,
@@ -99,8 +114,9 @@ def train_captioner(
     size = int(size[0] if isinstance(size, (tuple, list)) else size)
     images = PairImages(groups.images, size, cfg.cache_images, cfg.max_cache_gb, progress)
     plan = BatchPlan(images.valid, cfg.batch_size, cfg.seed)
-    prob, recolour_why = choose(cfg.caption.recolour, cfg.caption.recolour_prob, groups.captions)
-    data = TrainData(groups, images, lambda texts: model.tokenize(texts), plan, False, prob)
+    prob, recolour_why = choose(cfg.recolour, cfg.recolour_prob, groups.captions)
+    flip, mirror_why = _mirroring(cfg, groups.captions)
+    data = TrainData(groups, images, lambda texts: model.tokenize(texts), plan, False, prob, flip)
     task = CaptionTask(model, model.cfg, cfg.seed).to(device)
     torch.manual_seed(cfg.seed + 1)  # dropout draws: a fresh run repeats itself; a resumed one restores them
     params = [p for p in task.parameters() if p.requires_grad]
@@ -119,7 +135,7 @@ def train_captioner(
 
     log_line(
         f"captioner: {len(groups)} images, {len(groups.captions)} captions from {source} "
-        f"({describe_skips(stats, images)}); vocabulary {len(model.vocab)}; {recolour_why}; "
+        f"({describe_skips(stats, images)}); vocabulary {len(model.vocab)}; {recolour_why}; {mirror_why}; "
         f"steps {start}->{cfg.steps}"
     )
     last = min(cfg.steps, stop_after) if stop_after else cfg.steps
@@ -140,7 +156,7 @@ def _steps(task, data, opt, sched, cfg, device, start, last, out, arch, source, 
     window: dict[str, float] = {}
     t0, done, last_saved = time.perf_counter(), start, start
     # a frozen tower's tokens are the same every epoch unless the images are recoloured
-    frozen = task.cfg.freeze_image and not data.recolour_prob
+    frozen = task.cfg.freeze_image and not data.recolour_prob and not data.mirror_prob
     cache = _token_cache(task.model, data, device, progress) if frozen else None
     batches = data.batches(start) if cache is None else _cached_batches(data, cache, start)
     try:

@@ -89,6 +89,10 @@ class RefineConfig:
     # start checkpoint's trained one)
     teacher_sampling: bool = True  # with objectives.distill, draw pairs in proportion to the momentum
     # model's belief that they match (losses/distill.py match_belief), not uniformly
+    neighbour_share: float = 0.0  # share of a step's images drawn as the cached images the contrastive model
+    # ranks highest for another row's caption (its confusers over the whole cache, not only the batch), so
+    # in-batch ITM mining meets the mistakes re-ranking must correct
+    neighbours: int = 8  # confusers kept per cached caption
     max_pairs: int = 8192  # training images whose frozen token states are cached for the stage
     max_cache_gb: float = 1.0  # fewer images are cached when their token states would exceed this
 
@@ -113,6 +117,10 @@ class TrainConfig:
     # DataLoader workers (train/stream.py), memory flat; auto streams WebDataset shards
     workers: int = 2  # DataLoader decode processes when streaming
     shuffle_buffer: int = 2048  # samples each streaming worker shuffles among
+    recolour: str = "auto"  # auto | on | off: recolour training images and their colour words together
+    # (data/recolour.py) so colour/shape combinations the data lacks are seen; auto: on when most captions name
+    # a colour (synth scenes, product shots), never for photo captions in general; in memory only
+    recolour_prob: float = 0.5  # share of training rows recoloured when on (joint steps, refinement cache)
     cache_images: bool = True  # in memory: decode the training images once, kept as uint8
     max_cache_gb: float = 4.0  # above this the in-memory images are decoded per batch instead
     eval_pairs: str | None = None  # pairs to evaluate on during training (e.g. heldout.jsonl), step 0 too

@@ -22,6 +22,7 @@ from retrieval.data.recolour import colours_named, draw_permutations, recolour, 
 from retrieval.errors import UserError
 from retrieval.progress import progress_bar
 from retrieval.train.negatives import Vocabulary, negative_captions
+from retrieval.train.twins import mirror, mirror_pixels
 
 
 @dataclass
@@ -113,7 +114,8 @@ class TrainData:
     """Batches of a plan: each image of the batch with one of its captions, drawn with a generator seeded by
     (seed, micro-step, rank), so over the epochs every caption is seen and a resumed run draws the same. With
     text_negatives, each row also gets a generated false caption, drawn the same way. With recolour_prob > 0, a
-    row is recoloured with that probability (data/recolour.py: hues and colour words permuted together)."""
+    row is recoloured with that probability (data/recolour.py: hues and colour words permuted together); with
+    mirror = (p, vertical), a row is mirrored with probability p, its direction words swapped (train/twins.py)."""
 
     def __init__(
         self,
@@ -123,9 +125,11 @@ class TrainData:
         plan: BatchPlan,
         text_negatives: bool = False,
         recolour_prob: float = 0.0,
+        mirror: tuple[float, bool] = (0.0, False),
     ):
         self.groups, self.images, self.plan, self.tokenizer = groups, images, plan, tokenizer
         self.recolour_prob = recolour_prob
+        self.mirror_prob, self.mirror_vertical = mirror
         self.captions = groups.captions
         self.colours = colours_named(self.captions) if recolour_prob > 0 else []
         self.tokens = tokenizer(self.captions).to(torch.int32)  # (C, L): half the memory of int64
@@ -147,11 +151,8 @@ class TrainData:
             pixels, idx = self._decode(idx, micro_step)
         chosen = self.pick_captions(idx, self.plan.step_seed(micro_step, salt=29))  # (B,) captions
         texts = [self.captions[c] for c in chosen]
-        if self.recolour_prob > 0:
-            g = torch.Generator().manual_seed(self.plan.step_seed(micro_step, salt=37))
-            perms = draw_permutations(len(chosen), self.recolour_prob, g, self.colours)
-            pixels = recolour(pixels, perms)
-            texts = [t if perm is None else swap_words(t, perm) for t, perm in zip(texts, perms, strict=True)]
+        if self.recolour_prob > 0 or self.mirror_prob > 0:
+            pixels, texts = self._augment(pixels, texts, micro_step)
             key: dict[str, int] = {}
             ids = torch.tensor([key.setdefault(t, len(key)) for t in texts])  # (B,) positives: the same text
             batch = TrainBatch(pixels, self.tokenizer(texts).long(), ids)
@@ -163,6 +164,28 @@ class TrainData:
             batch.negative_tokens = self.tokenizer(negatives)  # (B, L)
             batch.negative_valid = torch.tensor(valid)  # (B,)
         return batch
+
+    def _augment(
+        self, pixels: torch.Tensor, texts: list[str], micro_step: int
+    ) -> tuple[torch.Tensor, list[str]]:
+        """Recolour and mirror rows (each drawn with its own seeded generator), captions changed to match."""
+        if self.recolour_prob > 0:
+            g = torch.Generator().manual_seed(self.plan.step_seed(micro_step, salt=37))
+            perms = draw_permutations(len(texts), self.recolour_prob, g, self.colours)
+            pixels = recolour(pixels, perms)
+            texts = [t if perm is None else swap_words(t, perm) for t, perm in zip(texts, perms, strict=True)]
+        if self.mirror_prob > 0:
+            g = torch.Generator().manual_seed(self.plan.step_seed(micro_step, salt=43))
+            flips = (torch.rand(len(texts), generator=g) < self.mirror_prob).tolist()
+            rows = []
+            for i, flip in enumerate(flips):
+                if flip:
+                    texts[i], flip_h, flip_v = mirror(texts[i], self.mirror_vertical)
+                    rows.append(mirror_pixels(pixels[i], flip_h, flip_v))
+                else:
+                    rows.append(pixels[i])
+            pixels = torch.stack(rows)  # (B, 3, S, S)
+        return pixels, texts
 
     def _decode(self, idx: torch.Tensor, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode a batch from disk; an image that fails is replaced by another, drawn with a seeded generator,

@@ -157,12 +157,34 @@ def refine_fusion(
     return means
 
 
+def _pick(cache: RefineCache, batch: int, share: float, g: torch.Generator) -> Tensor:
+    """(B,) distinct cache rows: anchors drawn uniformly (or by the teacher's belief), then, for a `share` of the
+    batch, a confuser of an anchor's caption (RefineCache.confusers) not already drawn."""
+    n_conf = int(batch * share) if cache.confusers is not None else 0
+    if cache.weight is None:
+        order = torch.randperm(len(cache), generator=g)  # (n,)
+    else:  # pairs the teacher believes in; the floor keeps B of them drawable
+        order = torch.multinomial(cache.weight + 1e-6, len(cache), replacement=False, generator=g)  # (n,)
+    anchors = order[: batch - n_conf]
+    if n_conf == 0:
+        return anchors
+    taken = set(anchors.tolist())
+    extra: list[int] = []
+    choice = torch.randint(cache.confusers.shape[1], (len(anchors),), generator=g)  # (A,)
+    for a, c in zip(anchors.tolist(), choice.tolist(), strict=True):
+        if len(extra) == n_conf:
+            break
+        row = int(cache.confusers[a, c])
+        if row >= 0 and row not in taken:
+            taken.add(row)
+            extra.append(row)
+    fill = [int(r) for r in order[batch - n_conf :] if int(r) not in taken][: n_conf - len(extra)]
+    return torch.cat([anchors, torch.tensor(extra + fill, dtype=torch.long)])  # (B,)
+
+
 def _step(fusion, cache: RefineCache, data: TrainData, cfg: TrainConfig, batch: int, scale, g, device, amp):
     """One refinement batch's losses: in-batch ITM, and the twins and other false captions ranked."""
-    if cache.weight is None:
-        pick = torch.randperm(len(cache), generator=g)[:batch]  # (B,) rows of the cache
-    else:  # pairs the teacher believes in; the floor keeps B of them drawable
-        pick = torch.multinomial(cache.weight + 1e-6, batch, replacement=False, generator=g)  # (B,)
+    pick = _pick(cache, batch, cfg.refine.neighbour_share, g)  # (B,) rows of the cache
     slots = cache.caption_slot[pick]  # (B,) rows of the caption table
     rows_b = torch.arange(batch)
     twin = cache.twin[slots]  # (B,) -1: no twin

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from retrieval.data.grouping import normalize_caption
+from retrieval.data.recolour import draw_permutations, recolour, swap_words
 from retrieval.losses.distill import match_belief
 from retrieval.models.albef import AlbefModel, encode_image_tokens, encode_text_tokens, trimmed_length
 from retrieval.models.encoders import normalize
@@ -54,11 +55,19 @@ class RefineCache:
         others: list[list[str]] = []
         rows: list[int] = []
         row_captions: list[str] = []
+        row_perms: list[list[int] | None] = []
+        recoloured = draw_permutations(
+            len(order),
+            getattr(data, "recolour_prob", 0.0),
+            torch.Generator().manual_seed(cfg.seed + 113),
+            getattr(data, "colours", None) or None,
+        )
         used = 0.0
-        for i, c in zip(order.tolist(), chosen.tolist(), strict=True):  # until max_pairs or the memory budget
+        for i, c, perm in zip(order.tolist(), chosen.tolist(), recoloured, strict=True):  # until max_pairs or
+            # the memory budget
             if len(rows) >= rc.max_pairs:
                 break
-            caption = data.captions[c]
+            caption = data.captions[c] if perm is None else swap_words(data.captions[c], perm)
             cost = image_bytes
             if caption not in slot_of and vocabulary is None:
                 twin, found = None, []
@@ -77,6 +86,7 @@ class RefineCache:
             used += cost
             rows.append(i)
             row_captions.append(caption)
+            row_perms.append(perm)
         self.vertical = vertical
         u = len(captions)
         texts = captions + [t for t in twins if t is not None] + [c for found in others for c in found]
@@ -96,6 +106,7 @@ class RefineCache:
             u + int(has_twin.sum()) + torch.cumsum(self.count, 0) - self.count
         )  # (U,) first one's row
         slots = torch.tensor([slot_of[c] for c in row_captions], dtype=torch.long)
+        self._perms = row_perms  # a row's recolouring (data/recolour.py), None: the image as it is
         with torch.no_grad():
             self._images(
                 model,
@@ -115,6 +126,11 @@ class RefineCache:
             if relations and rc.mirror_weight > 0:
                 self._mirrors(model, data, preprocess, device)
             self._texts(model, data.tokenizer, texts, u, device, progress, teacher)
+        # (n, k) for each row, the k other rows whose images the contrastive model ranks highest for its
+        # caption (a different caption: a confuser, not a positive); -1 pads; None without neighbours
+        self.confusers = confusers(
+            self.image_feat, self.text_feat[self.caption_slot], self.caption_slot, rc.neighbours
+        )
         # (n,) how likely each cached pair is drawn: the teacher's belief that it matches, or None (uniform)
         self.weight: Tensor | None = None
         if teacher is not None:
@@ -138,8 +154,12 @@ class RefineCache:
             pixels = [data.images[int(i)] for i in chunk]
             ok = [k for k, p in enumerate(pixels) if p is not None]  # streamed images may fail to decode
             if ok:
+                perms = [self._perms[start + k] for k in ok]
                 x = normalize(
-                    torch.stack([pixels[k] for k in ok]), preprocess["mean"], preprocess["std"], device
+                    recolour(torch.stack([pixels[k] for k in ok]), perms),
+                    preprocess["mean"],
+                    preprocess["std"],
+                    device,
                 )
                 feat, tokens = encode_image_tokens(model.clip, x)  # (b, D), (b, T, Wv)
                 feats.append(F.normalize(feat.float(), dim=-1))
@@ -174,6 +194,7 @@ class RefineCache:
                 image = data.images[int(self.index[k])]  # a streamed image is decoded again, and may fail
                 if image is not None:
                     _, h, v = mirror(self.row_captions[k], self.vertical)
+                    image = recolour(image[None], [self._perms[int(self._kept[k])]])[0]
                     pixels.append(mirror_pixels(image, h, v))
                     chunk.append(k)
             if not chunk:
@@ -213,6 +234,24 @@ class RefineCache:
 
     def __len__(self) -> int:
         return len(self.index)
+
+
+def confusers(
+    image_feat: Tensor, text_feat: Tensor, slot: Tensor, k: int, chunk: int = 1024
+) -> Tensor | None:
+    """(n, k) for row r, the k rows whose images score highest for row r's caption (image_feat (n, D), text_feat
+    (n, D) row r's caption) among rows with another caption (slot (n,)); -1 where fewer exist. None for k=0."""
+    if k <= 0 or len(slot) < 2:
+        return None
+    k = min(k, len(slot) - 1)
+    out = []
+    for s in range(0, len(slot), chunk):
+        sim = text_feat[s : s + chunk] @ image_feat.T  # (c, n)
+        same = slot[s : s + chunk, None] == slot[None, :]  # (c, n) positives, the row itself included
+        sim = sim.masked_fill(same, float("-inf"))
+        top = sim.topk(k, dim=1)  # (c, k)
+        out.append(torch.where(torch.isfinite(top.values), top.indices, -1))
+    return torch.cat(out)  # (n, k)
 
 
 def _state_bytes(model: AlbefModel, data: TrainData, device: torch.device) -> tuple[int, int]:

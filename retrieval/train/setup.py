@@ -173,6 +173,7 @@ def setup(source: str, out: Path, cfg: TrainConfig, progress: bool) -> Run:
 
 
 def _data(source: str, cfg: TrainConfig, tokenizer, size: int, rank: int, world: int, progress: bool):
+    from retrieval.data.recolour import choose
     from retrieval.train import stream
 
     if stream.should_stream(source, cfg):
@@ -182,8 +183,12 @@ def _data(source: str, cfg: TrainConfig, tokenizer, size: int, rank: int, world:
     groups = load_groups(source, stats)
     images = PairImages(groups.images, size, cfg.cache_images, cfg.max_cache_gb, progress)
     plan = BatchPlan(images.valid, cfg.batch_size, cfg.seed, rank, world)
-    data = TrainData(groups, images, tokenizer, plan, cfg.objectives.text_negatives)
-    summary = f"{len(groups)} images, {len(groups.captions)} captions from {source} ({describe_skips(stats, images)})"
+    prob, why = choose(cfg.recolour, cfg.recolour_prob, groups.captions)
+    data = TrainData(groups, images, tokenizer, plan, cfg.objectives.text_negatives, prob)
+    summary = (
+        f"{len(groups)} images, {len(groups.captions)} captions from {source} ({describe_skips(stats, images)}); "
+        f"{why}"
+    )
     return data, summary
 
 

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from retrieval.data.grouping import group_pairs
 from retrieval.data.images import ImageDecodeError, load_for_model
 from retrieval.data.pairs import Pair, PairStats, _shards, detect_format, iter_pairs
+from retrieval.data.recolour import choose, colours_named, draw_permutations, recolour, swap_words
 from retrieval.train.config import TrainConfig
 from retrieval.train.data import BatchPlan, PairImages, TrainBatch, TrainData
 from retrieval.train.negatives import Vocabulary, negative_captions
@@ -71,6 +72,7 @@ class _Readers(IterableDataset):
         self.source, self.cfg, self.tokenizer, self.size = source, cfg, tokenizer, size
         self.rank, self.world, self.vocabulary = rank, world, vocabulary
         self.workers, self.rotate, self.skip = max(1, workers), rotate, skip
+        self.recolour: tuple[float, list[int]] = (0.0, [])  # (probability, colour bins), set by StreamData
 
     def _pairs(self, reader: int, readers: int, epoch: int) -> Iterator[Pair]:
         fmt = detect_format(self.source)
@@ -128,7 +130,16 @@ class _Readers(IterableDataset):
                 step += 1
 
     def _batch(self, pixels, captions, ids, reader: int, consumed: int, step: int) -> TrainBatch:
-        batch = TrainBatch(torch.stack(pixels), self.tokenizer(captions), torch.tensor(ids, dtype=torch.long))
+        pixels = torch.stack(pixels)  # (B, 3, S, S)
+        prob, colours = self.recolour
+        if prob > 0:
+            g = torch.Generator().manual_seed((self.cfg.seed * 100_003 + consumed) * 1_009 + reader + 37)
+            perms = draw_permutations(len(captions), prob, g, colours)
+            pixels = recolour(pixels, perms)
+            captions = [c if p is None else swap_words(c, p) for c, p in zip(captions, perms, strict=True)]
+            # a recoloured row is an image of its own: no other row's positive
+            ids = [i if p is None else -1 - k for k, (i, p) in enumerate(zip(ids, perms, strict=True))]
+        batch = TrainBatch(pixels, self.tokenizer(captions), torch.tensor(ids, dtype=torch.long))
         if self.vocabulary is not None:
             seed = (self.cfg.seed * 100_003 + consumed) * 1_009 + reader + 7
             negatives, valid = negative_captions(captions, seed, self.vocabulary)
@@ -147,12 +158,17 @@ class StreamData:
         self.consumed = [0] * self.readers  # samples each reader had consumed at the last batch taken
         self.taken = 0  # batches taken
         self.vocabulary = None
+        head = [p.caption for p in itertools.islice(iter_pairs(source), VOCABULARY_CAPTIONS)]
         if cfg.objectives.text_negatives:
-            head = itertools.islice(iter_pairs(source), VOCABULARY_CAPTIONS)
-            self.vocabulary = Vocabulary(p.caption for p in head)
+            self.vocabulary = Vocabulary(head)
+        prob, self.recolour_why = choose(cfg.recolour, cfg.recolour_prob, head)
+        self.recolour = (prob, colours_named(head))
 
     def describe(self) -> str:
-        return f"{self.source} through {self.cfg.workers} worker(s), shuffle buffer {self.cfg.shuffle_buffer}"
+        return (
+            f"{self.source} through {self.cfg.workers} worker(s), shuffle buffer {self.cfg.shuffle_buffer}; "
+            f"{self.recolour_why}"
+        )
 
     def batches(self, start: int) -> Iterator[TrainBatch]:
         rotate = self.taken % self.readers
@@ -168,6 +184,7 @@ class StreamData:
             rotate,
             list(self.consumed),
         )
+        dataset.recolour = self.recolour
         loader = DataLoader(
             dataset,
             batch_size=None,
@@ -196,4 +213,6 @@ class StreamData:
         plan = BatchPlan(
             images.valid, min(self.cfg.refine.batch_size, int(images.valid.sum())), self.cfg.seed
         )
-        return TrainData(groups, images, self.tokenizer, plan, self.cfg.objectives.text_negatives)
+        return TrainData(
+            groups, images, self.tokenizer, plan, self.cfg.objectives.text_negatives, self.recolour[0]
+        )

@@ -229,8 +229,10 @@ def test_streamed_shards_give_full_batches_and_resume_exactly(coco, tmp_path):
     from retrieval.train.stream import StreamData
 
     shards = _shards(coco, tmp_path / "shards", 4)
-    cfg = load_train_config(None, [*TINY, "steps=4", "workers=2", "shuffle_buffer=16"])
+    # recoloured rows too: their draws are seeded by the reader's position, so a resume redraws them
+    cfg = load_train_config(None, [*TINY, "steps=4", "workers=2", "shuffle_buffer=16", "recolour=on"])
     stream = StreamData(str(shards), cfg, open_clip.get_tokenizer("test-micro"), 32)
+    assert stream.recolour[0] == 0.5 and "recolour on" in stream.describe()
     batches = stream.batches(0)
     first = [next(batches) for _ in range(5)]
     assert all(b.pixels.shape == (8, 3, 32, 32) and b.tokens.shape[0] == 8 for b in first)

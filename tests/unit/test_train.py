@@ -221,3 +221,34 @@ def test_refine_reset_fusion_starts_the_stage_from_a_fresh_seeded_fusion(scenes,
     assert not torch.equal(kept["itm_head.weight"], fresh["itm_head.weight"])
     for k in fresh:  # seeded: the same fresh start every time
         torch.testing.assert_close(fusion["again"][k], fresh[k], rtol=0, atol=0, msg=k)
+
+
+def test_refine_confusers_are_the_top_scored_images_of_other_captions_and_join_the_batch():
+    from types import SimpleNamespace
+
+    from retrieval.train.refine import _pick
+    from retrieval.train.refine_cache import confusers
+
+    torch.manual_seed(0)
+    image = torch.nn.functional.normalize(torch.randn(12, 8), dim=-1)  # (n, D)
+    slot = torch.tensor([0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10])  # rows 0 and 1: one caption, positives
+    text = image[slot.clamp(max=11)] + 0.01  # (n, D) each row's caption sits near its own image
+    found = confusers(image, text, slot, k=3)
+    assert found.shape == (12, 3)
+    for r in range(12):
+        sims = text[r] @ image.T  # (n,)
+        sims[slot == slot[r]] = float("-inf")
+        assert found[r].tolist() == sims.topk(3).indices.tolist()  # the best-scored other captions' images
+        assert slot[r] not in slot[found[r]].tolist()  # never a positive
+    assert confusers(image, text, slot, k=0) is None
+
+    class Cache(SimpleNamespace):
+        def __len__(self) -> int:
+            return 12
+
+    cache = Cache(confusers=found, weight=None)
+    g = torch.Generator().manual_seed(0)
+    pick = _pick(cache, 8, 0.5, g)
+    assert len(pick) == 8 and len(set(pick.tolist())) == 8
+    anchors, joined = pick[:4].tolist(), pick[4:].tolist()
+    assert sum(j in found[a].tolist() for a in anchors for j in joined) >= 3  # confusers of the anchors
