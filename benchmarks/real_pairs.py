@@ -2,6 +2,7 @@
 
     python benchmarks/real_pairs.py data OUT [-n 6000] [--captions 5] [--seed 21]   # scenes, reworded
     python benchmarks/real_pairs.py shards OUT/train.jsonl OUT/shards [--shards 20]  # the same rows as tar shards
+    python benchmarks/real_pairs.py misses RUN OUT/heldout.jsonl   # what the top-1 image of a missed query gets wrong
 
 `data` renders `data synth` scenes and rewrites every caption in one of this script's own wordings (FAMILY below:
 no relation phrase that `data synth --wording varied` uses, colon lists, comparatives, "with X at its left"), five
@@ -135,6 +136,64 @@ def make_shards(table: Path, out: Path, n_shards: int) -> None:
     print(f"{out}: {len(rows)} samples in {n_shards} shards", file=sys.stderr)
 
 
+def misses(checkpoint: Path, pairs_path: Path) -> None:
+    """Text-to-image misses by ITC, each classified by how the top-1 image's scene differs from the query's (rows'
+    `objects` and `relation` columns): wrong shape, colour or size, or the right objects in another relation, and
+    then whether the relation is on the same axis (direction reversed) or the other one."""
+    from collections import Counter
+
+    import open_clip
+    import torch
+
+    from retrieval.data.grouping import image_key
+    from retrieval.data.pairs import load_pairs
+    from retrieval.eval.evaluate import _queries
+    from retrieval.eval.scoring import encode_images, encode_texts, evaluating
+    from retrieval.models.checkpoint import load_dual_encoder
+
+    pairs = load_pairs(pairs_path)
+    clip, arch, _ = load_dual_encoder(checkpoint)
+    gallery = list({image_key(p): p for p in reversed(pairs)}.values())[::-1]  # each image's first row
+    pre = clip.visual.preprocess_cfg
+    size = clip.visual.image_size
+    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    cpu = torch.device("cpu")
+    with evaluating(clip):
+        gallery, images = encode_images(clip, gallery, size, pre["mean"], pre["std"], cpu, 256, False)
+        queries, positive = _queries(pairs, {image_key(p): i for i, p in enumerate(gallery)})
+        texts = encode_texts(clip, open_clip.get_tokenizer(arch), queries, cpu, 256, False)
+    top = (texts.feat @ images.feat.T).argmax(1)  # (T,)
+    scene = {p.caption: p.extra for p in pairs}
+    axis = {"left of": "h", "right of": "h", "above": "v", "below": "v"}
+    kinds: Counter[str] = Counter()
+    for t, query in enumerate(queries):
+        if positive[t, top[t]]:
+            continue
+        want, got = scene[query], gallery[int(top[t])].extra
+        if len(want["objects"]) != len(got["objects"]):
+            kinds["number of objects"] += 1
+            continue
+
+        def objs(e: dict) -> list[tuple[str, str, str]]:
+            return sorted((o["color"], o["shape"], o["size"]) for o in e["objects"])
+
+        if objs(want) == objs(got):
+            same = axis.get(want["relation"]) == axis.get(got["relation"])
+            kinds["relation, " + ("same axis" if same else "other axis")] += 1
+            continue
+        wrong = [
+            a
+            for a in ("color", "shape", "size")
+            if sorted(o[a] for o in want["objects"]) != sorted(o[a] for o in got["objects"])
+        ]
+        kinds[" + ".join(wrong) or "attributes rebound"] += 1
+    print(
+        f"{sum(kinds.values())} of {len(queries)} queries miss at R@1 (ITC); the top-1 image's scene differs by:"
+    )
+    for kind, n in kinds.most_common():
+        print(f"  {kind}: {n}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -149,9 +208,14 @@ def main() -> None:
     s.add_argument("table", type=Path)
     s.add_argument("out", type=Path)
     s.add_argument("--shards", type=int, default=20)
+    m = sub.add_parser("misses")
+    m.add_argument("checkpoint", type=Path)
+    m.add_argument("pairs", type=Path)
     args = parser.parse_args()
     if args.cmd == "data":
         make_data(args.out, args.n, args.captions, args.seed)
+    elif args.cmd == "misses":
+        misses(args.checkpoint, args.pairs)
     else:
         make_shards(args.table, args.out, args.shards)
 
