@@ -56,12 +56,8 @@ class RefineCache:
         rows: list[int] = []
         row_captions: list[str] = []
         row_perms: list[list[int] | None] = []
-        recoloured = draw_permutations(
-            len(order),
-            getattr(data, "recolour_prob", 0.0),
-            torch.Generator().manual_seed(cfg.seed + 113),
-            getattr(data, "colours", None) or None,
-        )
+        g = torch.Generator().manual_seed(cfg.seed + 113)
+        recoloured = draw_permutations(len(order), data.recolour_prob, g, data.colours or None)  # per row
         used = 0.0
         for i, c, perm in zip(order.tolist(), chosen.tolist(), recoloured, strict=True):  # until max_pairs or
             # the memory budget
