@@ -5,9 +5,9 @@ Training counts every caption of an image as its positive and never as a negativ
 image-to-text hit when any of its captions is in the top K. Two different images with the same caption (case and
 spacing aside) are positives of each other too: a caption cannot be a negative of an image it describes.
 
-Training keys a batch's positives on the captions drawn (`caption_ids`), not on `ids`: `ids` joins images through
-chains of shared captions, and in bootstrapped data, where synthetic captions repeat across many images, such
-chains joined most of the dataset into one group, so a batch had (almost) no negatives.
+Training keys a batch's positives on the captions drawn (`caption_ids`), not on groups of images joined through
+chains of shared captions: in bootstrapped data, where synthetic captions repeat across many images, such chains
+joined most of the dataset into one group, so a batch had (almost) no negatives.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ class ImageGroups:
     caption_image: torch.Tensor  # (C,) long: the image of each caption
     offsets: torch.Tensor  # (I + 1,) long: captions of image i are order[offsets[i]:offsets[i + 1]]
     order: torch.Tensor  # (C,) long: caption indices sorted by image
-    ids: torch.Tensor  # (I,) long: positive groups; images sharing a caption share an id (transitively)
     caption_ids: torch.Tensor  # (C,) long: one id per distinct normalised caption text
 
     def __len__(self) -> int:
@@ -57,7 +56,7 @@ class ImageGroups:
 
 
 def group_pairs(pairs: Iterable[Pair]) -> ImageGroups:
-    """Group pairs by image_key; ids join images that share a normalised caption (union-find)."""
+    """Group pairs by image_key; caption_ids number the distinct normalised caption texts."""
     index: dict[str, int] = {}
     images: list[Pair] = []
     captions: list[str] = []
@@ -72,29 +71,8 @@ def group_pairs(pairs: Iterable[Pair]) -> ImageGroups:
     order = torch.argsort(caption_image, stable=True)
     offsets = torch.zeros(len(images) + 1, dtype=torch.long)
     offsets[1:] = torch.cumsum(torch.bincount(caption_image, minlength=len(images)), 0)
-    ids = _shared_caption_ids(captions, owner, len(images))
     text_ids: dict[str, int] = {}
     caption_ids = torch.tensor(
         [text_ids.setdefault(normalize_caption(c), len(text_ids)) for c in captions], dtype=torch.long
     )
-    return ImageGroups(images, captions, caption_image, offsets, order, ids, caption_ids)
-
-
-def _shared_caption_ids(captions: list[str], owner: list[int], n_images: int) -> torch.Tensor:
-    parent = list(range(n_images))
-
-    def find(x: int) -> int:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    first: dict[str, int] = {}
-    for caption, image in zip(captions, owner, strict=True):
-        other = first.setdefault(normalize_caption(caption), image)
-        a, b = find(image), find(other)
-        if a != b:
-            parent[max(a, b)] = min(a, b)
-    roots = [find(i) for i in range(len(parent))]
-    relabel: dict[int, int] = {}
-    return torch.tensor([relabel.setdefault(r, len(relabel)) for r in roots], dtype=torch.long)
+    return ImageGroups(images, captions, caption_image, offsets, order, caption_ids)

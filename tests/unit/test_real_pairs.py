@@ -44,7 +44,7 @@ def coco(tmp_path_factory):
     return out
 
 
-def test_pairs_group_by_image_id_then_path_and_shared_captions_join_images():
+def test_pairs_group_by_image_id_then_path_and_equal_captions_share_an_id():
     pairs = [
         Pair("a.jpg", "a.jpg", "A dog", {}),
         Pair("b.jpg", "b.jpg", "a cat", {"image_id": 7}),
@@ -58,7 +58,8 @@ def test_pairs_group_by_image_id_then_path_and_shared_captions_join_images():
         groups.captions_of(0) == [0, 2] and groups.captions_of(1) == [1, 3] and groups.captions_of(2) == [4]
     )
     assert groups.counts().tolist() == [2, 2, 1]
-    assert groups.ids[0] == groups.ids[2] != groups.ids[1]  # "A dog" describes a.jpg and d.jpg
+    # "A dog" describes a.jpg and d.jpg: the same caption id, so drawn together they are positives
+    assert groups.caption_ids[0] == groups.caption_ids[4] != groups.caption_ids[1]
 
 
 def test_batches_hold_distinct_images_each_with_one_of_its_own_captions(coco):
