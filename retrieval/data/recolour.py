@@ -74,6 +74,8 @@ def draw_permutations(
 ) -> list[list[int] | None]:
     """For each of n rows, with probability p a random permutation of the named hues that moves only the bins
     `among` (default: all) among themselves, else None (unchanged)."""
+    if p <= 0:
+        return [None] * n
     among = list(range(len(NAMES))) if among is None else list(among)
     chosen = torch.rand(n, generator=generator) < p  # (n,)
     perms: list[list[int] | None] = []

@@ -80,9 +80,7 @@ def _mirroring(cfg: TrainConfig, captions: list[str]) -> tuple[tuple[float, bool
     """((probability, vertical flips too), why) for caption.mirror: auto follows refine.relation_terms' rule."""
     from retrieval.train.refine import relation_terms
 
-    mode, prob = cfg.caption.mirror, cfg.caption.mirror_prob
-    if mode not in ("auto", "on", "off"):
-        raise UserError(f"caption.mirror={mode!r}: expected auto, on or off")
+    mode, prob = cfg.caption.mirror, cfg.caption.mirror_prob  # auto | on | off, checked with the config
     on, vertical, why = relation_terms(captions, cfg.refine, cfg.seed)
     if mode != "auto":
         on, why = mode == "on", f"caption.mirror={mode}"

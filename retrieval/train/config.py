@@ -258,9 +258,15 @@ def _check(cfg: TrainConfig) -> None:
         )
     if not 0 < cfg.optim.layer_decay <= 1:
         raise UserError(f"optim.layer_decay={cfg.optim.layer_decay}: must be in (0, 1]")
-    for key in ("relation_terms", "vertical_mirrors"):
-        if getattr(cfg.refine, key) not in ("auto", "on", "off"):
-            raise UserError(f"refine.{key}={getattr(cfg.refine, key)!r}: expected auto, on or off")
+    modes = {
+        "refine.relation_terms": cfg.refine.relation_terms,
+        "refine.vertical_mirrors": cfg.refine.vertical_mirrors,
+        "recolour": cfg.recolour,
+        "caption.mirror": cfg.caption.mirror,
+    }
+    for key, value in modes.items():
+        if value not in ("auto", "on", "off"):
+            raise UserError(f"{key}={value!r}: expected auto, on or off")
     r = cfg.refine
     if cfg.objectives.itm and not cfg.objectives.joint_itm and r.steps == 0:
         raise UserError(

@@ -123,9 +123,11 @@ class RefineCache:
                 self._mirrors(model, data, preprocess, device)
             self._texts(model, data.tokenizer, texts, u, device, progress, teacher)
         # (n, k) for each row, the k other rows whose images the contrastive model ranks highest for its
-        # caption (a different caption: a confuser, not a positive); -1 pads; None without neighbours
-        self.confusers = confusers(
-            self.image_feat, self.text_feat[self.caption_slot], self.caption_slot, rc.neighbours
+        # caption (a different caption: a confuser, not a positive); -1 pads; None when neighbour_share is 0
+        self.confusers = (
+            confusers(self.image_feat, self.text_feat[self.caption_slot], self.caption_slot, rc.neighbours)
+            if rc.neighbour_share > 0
+            else None
         )
         # (n,) how likely each cached pair is drawn: the teacher's belief that it matches, or None (uniform)
         self.weight: Tensor | None = None
