@@ -22,6 +22,7 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel
 
@@ -90,6 +91,13 @@ def create_app(engine: Engine, on_start=None, on_stop=None) -> FastAPI:
     @app.exception_handler(UserError)
     async def user_error(_request, exc: UserError):
         return SafeJSON({"detail": str(exc)}, 400)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request, exc: RequestValidationError):
+        # FastAPI's own handler echoes each bad input back, and one holding NaN cannot be encoded (a 500):
+        # name the field and the problem instead
+        detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", ""))} for e in exc.errors()]
+        return SafeJSON({"detail": detail}, 422)
 
     def check_k(k: int) -> int:
         if not 1 <= k <= cfg.max_k:
