@@ -133,7 +133,9 @@ def test_vlm_copies_answer_in_the_colour_their_features_show():
             return x.mean((2, 3))  # (N, 3)
 
     palette = {"red": (215, 35, 35), "green": (40, 170, 60), "blue": (40, 80, 225)}
-    pixels = torch.stack([torch.tensor(v).view(3, 1, 1).expand(3, 4, 4) for v in palette.values()]).to(torch.uint8)
+    pixels = torch.stack([torch.tensor(v).view(3, 1, 1).expand(3, 4, 4) for v in palette.values()]).to(
+        torch.uint8
+    )
     feats = Tower().features(pixels.float() / 255)
     among = colours_named(list(palette))
     copies = Recoloured(Tower(), pixels, feats, among, variants=4, seed=0)
@@ -145,7 +147,9 @@ def test_vlm_copies_answer_in_the_colour_their_features_show():
         got, drawn = copies.draw(index, chats, 1.0, np.random.default_rng(step))
         for f, chat in zip(got, drawn, strict=True):
             rgb = (f * 255).tolist()
-            nearest = min(palette, key=lambda c: sum((a - b) ** 2 for a, b in zip(palette[c], rgb, strict=True)))
+            nearest = min(
+                palette, key=lambda c: sum((a - b) ** 2 for a, b in zip(palette[c], rgb, strict=True))
+            )
             assert chat[0][1] == nearest
         moved += [c[0][1] for c in drawn] != list(palette)
     assert moved > 0
