@@ -110,6 +110,9 @@ class BatchPlan:
         return self._perm[start : start + self.batch]  # (B,)
 
 
+_SUBSTITUTE_IMAGES = 20_000  # images whose captions teach the word substitutes (negatives.substitutes)
+
+
 class TrainData:
     """Batches of a plan: each image of the batch with one of its captions, drawn with a generator seeded by
     (seed, micro-step, rank), so over the epochs every caption is seen and a resumed run draws the same. With
@@ -134,7 +137,13 @@ class TrainData:
         self.colours = colours_named(self.captions) if recolour_prob > 0 else []
         self.tokens = tokenizer(self.captions).to(torch.int32)  # (C, L): half the memory of int64
         self.ids = groups.caption_ids  # (C,) the positive key of a drawn caption
-        self.vocabulary = Vocabulary(self.captions) if text_negatives else None
+        self.vocabulary = None
+        if text_negatives:
+            per_image = [
+                [self.captions[c] for c in groups.captions_of(i)]
+                for i in range(min(len(groups), _SUBSTITUTE_IMAGES))
+            ]
+            self.vocabulary = Vocabulary(self.captions, per_image)
 
     def pick_captions(self, images: torch.Tensor, seed: int) -> torch.Tensor:
         """(B,) one caption index for each image index, uniformly among that image's captions."""

@@ -70,7 +70,9 @@ class RefineCache:
             elif caption not in slot_of:
                 twin = opposite_caption(caption, vertical) if relations else None
                 twin = twin if twin is not None and vocabulary.allows(twin) else None
-                found = [c for c in binding_candidates(caption) if vocabulary.allows(c)]
+                found = [
+                    c for c in binding_candidates(caption, vocabulary.substitutes) if vocabulary.allows(c)
+                ]
                 cost += (2 + len(found)) * text_bytes
             if rows and used + cost > rc.max_cache_gb * 1e9:
                 break

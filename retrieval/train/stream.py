@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from retrieval.data.grouping import group_pairs
+from retrieval.data.grouping import group_pairs, image_key
 from retrieval.data.images import ImageDecodeError, load_for_model
 from retrieval.data.pairs import Pair, PairStats, _shards, detect_format, iter_pairs
 from retrieval.data.recolour import choose, colours_named, draw_permutations, recolour, swap_words
@@ -158,9 +158,13 @@ class StreamData:
         self.consumed = [0] * self.readers  # samples each reader had consumed at the last batch taken
         self.taken = 0  # batches taken
         self.vocabulary = None
-        head = [p.caption for p in itertools.islice(iter_pairs(source), VOCABULARY_CAPTIONS)]
+        pairs = list(itertools.islice(iter_pairs(source), VOCABULARY_CAPTIONS))
+        head = [p.caption for p in pairs]
         if cfg.objectives.text_negatives:
-            self.vocabulary = Vocabulary(head)
+            per_image: dict[str, list[str]] = {}
+            for p in pairs:
+                per_image.setdefault(image_key(p), []).append(p.caption)
+            self.vocabulary = Vocabulary(head, per_image.values())
         prob, self.recolour_why = choose(cfg.recolour, cfg.recolour_prob, head)
         self.recolour = (prob, colours_named(head))
 

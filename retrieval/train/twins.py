@@ -33,6 +33,7 @@ VERTICAL = {
     "lower": "upper",
     "over": "under",
     "under": "over",
+    "higher": "lower",  # one way: "lower" mirrors to "upper" above
 }
 _WORDS = {
     axis: re.compile(r"\b(" + "|".join(words) + r")\b", re.IGNORECASE)

@@ -21,6 +21,8 @@ from retrieval.train.negatives import (
     negative_caption,
     negative_captions,
     relation_opposite,
+    substituted,
+    substitutes,
 )
 
 TWO = "a small red circle to the left of a large blue square"
@@ -61,6 +63,42 @@ def test_vocabulary_keeps_only_phrases_the_data_has() -> None:
     )  # "blue circle", "red square" seen
     assert "a small red circle below a large blue square" in allowed
     assert not vocab.allows("a small red circle to the left of a large green square")  # "green square" unseen
+
+
+def _described(rng: random.Random) -> list[str]:
+    """Three captions of one two-object image: over and above are synonyms (one image's captions say either),
+    colours and shapes are alternatives (every caption of an image names the same ones)."""
+    colours, shapes = (
+        rng.sample(["red", "blue", "green", "pink"], 2),
+        rng.choices(["circle", "square", "star"], k=2),
+    )
+    a, b = f"{colours[0]} {shapes[0]}", f"{colours[1]} {shapes[1]}"
+    return [f"a {a} over a {b}", f"a {a} above a {b}", f"the {b} under the {a}"]
+
+
+def test_substitutes_are_alternatives_learned_from_the_captions_never_synonyms() -> None:
+    rng = random.Random(0)
+    groups = [_described(rng) for _ in range(200)]
+    table = substitutes(groups)
+    assert set(table["red"]) == {"blue", "green", "pink"}
+    assert set(table["circle"]) == {"square", "star"}
+    assert "above" not in table.get("over", ())  # two captions of one image say either: synonyms
+    # one caption per image: nothing tells a synonym from an alternative, so no substitutes at all
+    assert substitutes([[g[0]] for g in groups] + [[g[1]] for g in groups]) == {}
+
+    caption = "a red circle over a blue square"
+    out = substituted(caption, table)
+    assert out == substituted(caption, table)  # stable: a resumed run and every worker draw the same
+    assert {c.split()[1] for c in out if c.split()[2:] == caption.split()[2:]} <= {"green", "pink"}
+    assert all(len(c.split()) == len(caption.split()) and c != caption for c in out)
+    assert len(out) == 4  # red, circle, blue, square each replaced once
+    # the refinement's binding candidates include them and keep the relation word in place
+    found = binding_candidates(caption, table)
+    assert set(out) <= set(found) and all(" over " in c for c in found)
+    # the joint run's negatives draw them half the time when the vocabulary allows them
+    vocab = Vocabulary([c for g in groups for c in g], groups)
+    drawn = {negative_caption(caption, random.Random(k), vocab) for k in range(40)}
+    assert drawn & set(out) and drawn - set(out)
 
 
 def test_synth_training_negatives_never_name_a_heldout_combination(tmp_path) -> None:
