@@ -112,7 +112,7 @@ def train_captioner(
     size = int(size[0] if isinstance(size, (tuple, list)) else size)
     images = PairImages(groups.images, size, cfg.cache_images, cfg.max_cache_gb, progress)
     plan = BatchPlan(images.valid, cfg.batch_size, cfg.seed)
-    prob, recolour_why = choose(cfg.recolour, cfg.recolour_prob, groups.captions)
+    prob, recolour_why = choose(cfg.recolour, cfg.caption.recolour_prob, groups.captions)
     flip, mirror_why = _mirroring(cfg, groups.captions)
     data = TrainData(groups, images, lambda texts: model.tokenize(texts), plan, False, prob, flip)
     task = CaptionTask(model, model.cfg, cfg.seed).to(device)

@@ -128,3 +128,22 @@ def test_synth_correctness_either_order():
     assert not synth_correct("garbage", objects, "left of")
     m = caption_metrics(["a small red circle"], [["a small red circle"]], [([objects[0]], None)])
     assert m["synth_correct"] == 1.0 and m["bleu4"] == 1.0
+
+
+def test_image_positions_tell_where_things_are(model, image_tokens):
+    """With fixed 2D positions on the image tokens the decoder reads where a token sits (a relation's words
+    depend on it); without them it sees a bag of tokens, the same whatever their order."""
+    ids = torch.tensor([[BOS, 4, 5, 6]])
+    tokens = image_tokens[:1]
+    shuffled = tokens[:, torch.randperm(tokens.shape[1], generator=torch.Generator().manual_seed(0))]
+    decoder = model.decoder
+    assert decoder.cfg.image_positions
+    with torch.no_grad():
+        placed = decoder(ids, decoder.memory(tokens)), decoder(ids, decoder.memory(shuffled))
+        decoder.cfg = CaptionerConfig(**{**decoder.cfg.__dict__, "image_positions": False})
+        try:
+            bag = decoder(ids, decoder.memory(tokens)), decoder(ids, decoder.memory(shuffled))
+        finally:
+            decoder.cfg = CaptionerConfig(**{**decoder.cfg.__dict__, "image_positions": True})
+    assert not torch.allclose(*placed, atol=1e-4)
+    torch.testing.assert_close(*bag, atol=1e-5, rtol=1e-5)
