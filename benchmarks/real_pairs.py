@@ -121,12 +121,17 @@ def _binding(path: Path, rows: list[dict], rng: random.Random) -> None:
 
 
 def make_shards(table: Path, out: Path, n_shards: int) -> None:
-    """One sample per row (an image with five captions is five samples), rows dealt round-robin to shards."""
+    """One sample per row (an image with five captions is five samples, each with the image's `image_id` in its
+    .json member, as COCO-style shards carry it), rows dealt round-robin to shards."""
     rows = [json.loads(line) for line in table.read_text().splitlines()]
     out.mkdir(parents=True, exist_ok=True)
     tars = [tarfile.open(out / f"shard-{s:03d}.tar", "w") for s in range(n_shards)]
     for k, row in enumerate(rows):
-        members = {"jpg": (table.parent / row["image"]).read_bytes(), "txt": row["caption"].encode()}
+        members = {
+            "jpg": (table.parent / row["image"]).read_bytes(),
+            "txt": row["caption"].encode(),
+            "json": json.dumps({"image_id": row["image"]}).encode(),
+        }
         for ext, data in members.items():
             info = tarfile.TarInfo(f"{k:08d}.{ext}")
             info.size = len(data)

@@ -39,7 +39,9 @@ class CaptionerConfig:
     mirror: str = "auto"  # auto | on | off: mirror training images, swapping left/right (and above/below) in
     # their captions (train/twins.py); auto: when refine.relation_terms' rule finds relation captions
     mirror_prob: float = 0.5  # share of training rows mirrored when on
-    recolour_prob: float = 1.0  # share of training rows recoloured when the run's `recolour` is on: all, so no
+    recolour_prob: float = (
+        1.0  # share of training rows recoloured when the run's `recolour` is on: all, so no
+    )
     # colour predicts a shape and a decoder's language prior cannot write a seen combination for an unseen one
     # (docs/capfilt.md: held-out scenes fully right 0.19 -> 0.39)
     freeze_image: bool = (

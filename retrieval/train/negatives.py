@@ -107,6 +107,13 @@ class Vocabulary:
     def allows(self, caption: str) -> bool:
         return _bigrams(caption) <= self.bigrams
 
+    def describe(self) -> str:
+        """One line for the run log: which words have substitutes, or why none."""
+        if not self.substitutes:
+            return "no word substitutes (they need several captions per image)"
+        shown = ", ".join(f"{w} -> {'/'.join(v[:3])}" for w, v in list(self.substitutes.items())[:3])
+        return f"word substitutes for {len(self.substitutes)} words ({shown}, ...)"
+
 
 _CONTEXT_BUCKETS = 1 << 14  # hashed (previous word, next word) contexts: 2,000 words x 16k floats = 128 MB
 

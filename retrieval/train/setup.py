@@ -189,6 +189,8 @@ def _data(source: str, cfg: TrainConfig, tokenizer, size: int, rank: int, world:
         f"{len(groups)} images, {len(groups.captions)} captions from {source} ({describe_skips(stats, images)}); "
         f"{why}"
     )
+    if data.vocabulary is not None:
+        summary += f"; {data.vocabulary.describe()}"
     return data, summary
 
 

@@ -172,6 +172,7 @@ class StreamData:
         return (
             f"{self.source} through {self.cfg.workers} worker(s), shuffle buffer {self.cfg.shuffle_buffer}; "
             f"{self.recolour_why}"
+            + (f"; {self.vocabulary.describe()}" if self.vocabulary is not None else "")
         )
 
     def batches(self, start: int) -> Iterator[TrainBatch]:

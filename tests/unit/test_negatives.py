@@ -85,6 +85,7 @@ def test_substitutes_are_alternatives_learned_from_the_captions_never_synonyms()
     assert "above" not in table.get("over", ())  # two captions of one image say either: synonyms
     # one caption per image: nothing tells a synonym from an alternative, so no substitutes at all
     assert substitutes([[g[0]] for g in groups] + [[g[1]] for g in groups]) == {}
+    assert "no word substitutes" in Vocabulary([g[0] for g in groups], [[g[0]] for g in groups]).describe()
 
     caption = "a red circle over a blue square"
     out = substituted(caption, table)
