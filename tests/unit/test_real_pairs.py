@@ -205,7 +205,8 @@ def test_opposite_caption_reverses_a_relation_in_any_wording():
     assert (
         opposite_caption("a cross with a circle at its Left", False) == "a cross with a circle at its Right"
     )
-    assert opposite_caption("a circle higher than a square", True) is None  # no word it knows
+    assert opposite_caption("a circle higher than a square", True) == "a circle lower than a square"
+    assert opposite_caption("a circle nearer than a square", True) is None  # no word it knows
     assert opposite_caption("a small red circle", True) is None
 
 
