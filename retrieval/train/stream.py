@@ -210,10 +210,23 @@ class StreamData:
         self.taken = int(state["taken"])
 
     def refine_set(self) -> TrainData:
-        """The refinement stage's images: the first refine.max_pairs images of the source, held in memory."""
+        """The refinement stage's images: the first refine.max_pairs distinct images of the source with every
+        caption of theirs read until then (a shard layout that deals an image's captions out to several shards
+        still gives max_pairs images, not max_pairs captions of fewer), held in memory."""
         stats = PairStats()
-        head = itertools.islice(iter_pairs(self.source, stats), self.cfg.refine.max_pairs)
-        groups = group_pairs(head)
+        limit = self.cfg.refine.max_pairs
+        seen: set[str] = set()
+
+        def head():
+            for pair in iter_pairs(self.source, stats):
+                key = image_key(pair)
+                if key not in seen:
+                    if len(seen) == limit:
+                        return
+                    seen.add(key)
+                yield pair
+
+        groups = group_pairs(head())
         images = PairImages(groups.images, self.size, True, self.cfg.refine.max_cache_gb * 4, progress=False)
         plan = BatchPlan(
             images.valid, min(self.cfg.refine.batch_size, int(images.valid.sum())), self.cfg.seed

@@ -210,14 +210,17 @@ def test_opposite_caption_reverses_a_relation_in_any_wording():
     assert opposite_caption("a small red circle", True) is None
 
 
-def _shards(coco, out, n_shards):
-    """The train split as WebDataset shards: one sample per (image, caption) row."""
+def _shards(coco, out, n_shards, image_ids=False):
+    """The train split as WebDataset shards: one sample per (image, caption) row, dealt round-robin (an image's
+    captions land in several shards); with image_ids, each sample's .json names its image."""
     rows = [json.loads(line) for line in (coco / "train.jsonl").read_text().splitlines()]
     out.mkdir()
     for s in range(n_shards):
         with tarfile.open(out / f"shard-{s:02d}.tar", "w") as tar:
             for k, row in enumerate(rows[s::n_shards]):
                 members = {"jpg": (coco / row["image"]).read_bytes(), "txt": row["caption"].encode()}
+                if image_ids:
+                    members["json"] = json.dumps({"image_id": row["image"]}).encode()
                 if k == 3 and s == 0:
                     members["jpg"] = b"not an image"  # skipped; the batch is still full
                 for ext, data in members.items():
@@ -225,6 +228,16 @@ def _shards(coco, out, n_shards):
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
     return out
+
+
+def test_streamed_refinement_set_holds_max_pairs_images_with_all_their_captions(coco, tmp_path):
+    from retrieval.train.stream import StreamData
+
+    shards = _shards(coco, tmp_path / "shards", 4, image_ids=True)
+    cfg = load_train_config(None, [*TINY, "refine.max_pairs=6", "workers=1"])
+    data = StreamData(str(shards), cfg, open_clip.get_tokenizer("test-micro"), 32).refine_set()
+    # six images, not six captions: the captions dealt to other shards are read too
+    assert len(data.groups) == 6 and len(data.captions) > 6
 
 
 def test_streamed_shards_give_full_batches_and_resume_exactly(coco, tmp_path):
