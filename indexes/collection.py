@@ -39,6 +39,7 @@ class Collection:
         self._index = None  # what searches run on (the GPU copy when there is a GPU)
         self._cpu_index = None
         self._swap_on_finish = False  # a --reembed: the manifest names the new generation only when complete
+        self._swapped_out = TABLE  # the live generation a --reembed replaces
 
     @property
     def model(self) -> dict[str, Any]:
@@ -124,6 +125,7 @@ class Collection:
         layout.write_reembed(directory, table, model)
         collection = cls(directory, {**fresh, "table": table}, table, dim)
         collection._swap_on_finish = True
+        collection._swapped_out = manifest.get("table", TABLE) if manifest else TABLE
         return collection
 
     def record(self, key: str, value: Any) -> None:
@@ -154,7 +156,9 @@ class Collection:
         for a --reembed swap the new generation in. Returns the index card."""
         card = self.refresh_index()
         if self._swap_on_finish:
-            layout.drop_generations(self.directory, {self.table})
+            # the generation just swapped out stays until the next writer opens the collection: a search that
+            # read the old manifest a moment ago is still reading it
+            layout.drop_generations(self.directory, {self.table, self._swapped_out})
             (self.directory / layout.REEMBED).unlink(missing_ok=True)
             self._swap_on_finish = False
         return card

@@ -230,6 +230,10 @@ def test_a_reembed_builds_beside_the_live_collection_and_resumes_after_a_kill(tm
         again.finish()
     swapped = Collection.open(tmp_path)
     assert swapped.model == other and swapped.table == table and swapped.store.count() == 400
+    # the swapped-out generation stays for searches that read the old manifest a moment ago, until the next
+    # writer opens the collection
+    assert sorted(p.name for p in tmp_path.glob("*.lance")) == sorted([f"{table}.lance", "images.lance"])
+    Collection.open_for_write(tmp_path, other).close()
     assert sorted(p.name for p in tmp_path.glob("*.lance")) == [f"{table}.lance"]
     assert (tmp_path / index_file(table)).exists() and not (tmp_path / "faiss.index").exists()
 
