@@ -72,9 +72,14 @@ def test_recall_ties_count_against_the_query() -> None:
 def test_rerank_score_adds_the_contrastive_logit_and_the_itm_log_odds() -> None:
     cosine = torch.tensor([0.5, 0.5, 0.2, 0.9])
     prob = torch.tensor([0.5, 0.9, 0.9, 0.0])
-    got = rerank_score(cosine, prob, logit_scale=20.0)
+    got = rerank_score(cosine, prob, logit_scale=20.0, itm_weight=1.0)
     assert torch.allclose(got[:3], torch.tensor([10.0, 10.0 + math.log(9), 4.0 + math.log(9)]))
     assert torch.isfinite(got[3]) and got[3] < 18.0 - 13.0  # a saturated "no" is a large finite penalty
+    # the default weighs ITM's log-odds by a quarter
+    default = rerank_score(cosine, prob, logit_scale=20.0)
+    assert torch.allclose(
+        default[:3], torch.tensor([10.0, 10.0 + 0.25 * math.log(9), 4.0 + 0.25 * math.log(9)])
+    )
     # ITM can overturn the contrastive order, and the contrastive logit can overturn ITM
     assert got[1] > got[0] and got[1] > got[2]
     with pytest.raises(ValueError, match="one shape"):
@@ -225,7 +230,9 @@ def test_evaluate_oracle_scores_are_perfect(
     pooled_shift[0] = 1
     wrong = run(micro_model(), pairs, EvalConfig(rerank_k=100), **oracle)
     assert wrong["t2i.R@1"] < 1.0 and wrong["i2t.R@1"] < 1.0 and wrong["binding.itc"] < 1.0
-    assert wrong["rerank.t2i.R@1"] == 1.0 and wrong["rerank.i2t.R@1"] == 1.0 and wrong["binding"] == 1.0
+    assert wrong["rerank_itm.t2i.R@1"] == 1.0 and wrong["rerank_itm.i2t.R@1"] == 1.0 and wrong["binding"] == 1.0
+    # the fused score follows ITM wherever ITM's weighted log-odds outweigh the contrastive logit's error
+    assert wrong["rerank.t2i.R@1"] > wrong["t2i.R@1"] or wrong["t2i.R@1"] == 1.0
 
 
 def test_binding_matches_a_direct_computation(heldout: list[Pair]) -> None:
