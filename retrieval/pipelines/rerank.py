@@ -2,7 +2,7 @@
 
 The index answers with dual-encoder similarities; the fusion encoder then reads the query's tokens against each
 candidate image's patch tokens and scores the match (`itm_match_prob`), and the top K are re-ordered by that
-match's log-odds plus the contrastive logit (`eval.metrics.rerank_score`, `rerank_top_k`): what
+match's weighted log-odds plus the contrastive logit (`eval.metrics.rerank_score`, `rerank_top_k`): what
 `retrieval eval --rerank` measures as "rerank.*". Only the top K images are decoded and
 encoded again, so the cost is K image passes and one fusion pass, whatever the size of the collection.
 """

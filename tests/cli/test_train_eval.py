@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from retrieval.eval.metrics import ITM_WEIGHT
 from tests.cli.conftest import TINY, invoke, run_cli, sets
 
 
@@ -50,10 +51,11 @@ def test_train_eval_index_search(runner, tiny_run, tmp_path):
     assert {h["path"] for h in reranked} == {h["path"] for h in plain}
     fused = [h["rerank"] for h in reranked]
     assert fused == sorted(fused, reverse=True) and all(0.0 <= h["itm"] <= 1.0 for h in reranked)
-    # the score sorted by is the contrastive logit (one scale for all hits) plus the ITM log-odds
+    # the score sorted by is the contrastive logit (one scale for all hits) plus the weighted ITM log-odds
     clipped = [min(max(h["itm"], 1e-6), 1 - 1e-6) for h in reranked]
     scales = [
-        (h["rerank"] - math.log(p / (1 - p))) / h["score"] for h, p in zip(reranked, clipped, strict=True)
+        (h["rerank"] - ITM_WEIGHT * math.log(p / (1 - p))) / h["score"]
+        for h, p in zip(reranked, clipped, strict=True)
     ]
     assert max(scales) - min(scales) < 1e-2 * max(abs(x) for x in scales)
     # the real console entry point, in a fresh process: a bad query is one line and exit 2

@@ -230,7 +230,9 @@ def test_evaluate_oracle_scores_are_perfect(
     pooled_shift[0] = 1
     wrong = run(micro_model(), pairs, EvalConfig(rerank_k=100), **oracle)
     assert wrong["t2i.R@1"] < 1.0 and wrong["i2t.R@1"] < 1.0 and wrong["binding.itc"] < 1.0
-    assert wrong["rerank_itm.t2i.R@1"] == 1.0 and wrong["rerank_itm.i2t.R@1"] == 1.0 and wrong["binding"] == 1.0
+    assert (
+        wrong["rerank_itm.t2i.R@1"] == 1.0 and wrong["rerank_itm.i2t.R@1"] == 1.0 and wrong["binding"] == 1.0
+    )
     # the fused score follows ITM wherever ITM's weighted log-odds outweigh the contrastive logit's error
     assert wrong["rerank.t2i.R@1"] > wrong["t2i.R@1"] or wrong["t2i.R@1"] == 1.0
 
