@@ -39,11 +39,9 @@ class CaptionerConfig:
     mirror: str = "auto"  # auto | on | off: mirror training images, swapping left/right (and above/below) in
     # their captions (train/twins.py); auto: when refine.relation_terms' rule finds relation captions
     mirror_prob: float = 0.5  # share of training rows mirrored when on
-    recolour_prob: float = (
-        1.0  # share of training rows recoloured when the run's `recolour` is on: all, so no
-    )
-    # colour predicts a shape and a decoder's language prior cannot write a seen combination for an unseen one
-    # (docs/capfilt.md: held-out scenes fully right 0.19 -> 0.39)
+    # share of training rows recoloured when the run's `recolour` is on: all, so no colour predicts a shape and
+    # the decoder's language prior cannot write a seen combination for an unseen one (docs/capfilt.md)
+    recolour_prob: float = 1.0
     freeze_image: bool = (
         True  # keep the image tower (e.g. an ITC-trained one) as it is: only the decoder trains
     )

@@ -158,12 +158,12 @@ class StreamData:
         self.consumed = [0] * self.readers  # samples each reader had consumed at the last batch taken
         self.taken = 0  # batches taken
         self.vocabulary = None
-        pairs = list(itertools.islice(iter_pairs(source), VOCABULARY_CAPTIONS))
-        head = [p.caption for p in pairs]
+        head: list[str] = []
+        per_image: dict[str, list[str]] = {}  # captions only: a shard's image bytes are not kept
+        for p in itertools.islice(iter_pairs(source), VOCABULARY_CAPTIONS):
+            head.append(p.caption)
+            per_image.setdefault(image_key(p), []).append(p.caption)
         if cfg.objectives.text_negatives:
-            per_image: dict[str, list[str]] = {}
-            for p in pairs:
-                per_image.setdefault(image_key(p), []).append(p.caption)
             self.vocabulary = Vocabulary(head, per_image.values())
         prob, self.recolour_why = choose(cfg.recolour, cfg.recolour_prob, head)
         self.recolour = (prob, colours_named(head))
