@@ -12,7 +12,8 @@ joined most of the dataset into one group, so a batch had (almost) no negatives.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import hashlib
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -76,3 +77,30 @@ def group_pairs(pairs: Iterable[Pair]) -> ImageGroups:
         [text_ids.setdefault(normalize_caption(c), len(text_ids)) for c in captions], dtype=torch.long
     )
     return ImageGroups(images, captions, caption_image, offsets, order, caption_ids)
+
+
+def batch_positive_ids(images: Sequence[Hashable | None], captions: Sequence[str]) -> torch.Tensor:
+    """(B,) ids of a batch's positives: rows showing the same image (images[i]; None: an image of its own, such
+    as a recoloured copy) or carrying the same caption (case and spacing aside) share one, joined through each
+    other within the batch (a batch is small, so such chains stay short). An id is a 63-bit hash of its group's
+    first caption, so batches gathered from other ranks or queued from earlier steps agree on equal texts."""
+    parent = list(range(len(captions)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[tuple[str, Hashable], int] = {}
+    for i, (image, caption) in enumerate(zip(images, captions, strict=True)):
+        keys = [("text", normalize_caption(caption))] + ([("image", image)] if image is not None else [])
+        for key in keys:
+            parent[root(i)] = root(first.setdefault(key, i))
+    return torch.tensor([text_id(captions[root(i)]) for i in range(len(captions))], dtype=torch.long)
+
+
+def text_id(caption: str) -> int:
+    """A 63-bit id of a caption (case and spacing aside), equal in every process."""
+    digest = hashlib.blake2b(normalize_caption(caption).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1

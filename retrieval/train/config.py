@@ -117,11 +117,12 @@ class TrainConfig:
     # DataLoader workers (train/stream.py), memory flat; auto streams WebDataset shards
     workers: int = 2  # DataLoader decode processes when streaming
     shuffle_buffer: int = 2048  # samples each streaming worker shuffles among
-    recolour: str = "auto"  # auto | on | off: recolour training images and their colour words together
-    # (data/recolour.py) so colour/shape combinations the data lacks are seen; auto: on when most captions name
-    # a colour (synth scenes, product shots), never for photo captions in general; in memory only
+    # auto | on | off: recolour training images and their colour words together (data/recolour.py) so
+    # colour/shape combinations the data lacks are seen; auto: on when most captions name a colour (synth scenes,
+    # product shots), never for photo captions in general; in memory and streamed
+    recolour: str = "auto"
     # share of training rows recoloured when on (joint steps, refinement cache); the captioner has its own,
-    # caption.recolour_prob. All of them cost re-ranking here (+3.6 against +7.9, docs/training.md)
+    # caption.recolour_prob. A higher share costs re-ranking here (+3.6 against +7.9, docs/training.md)
     recolour_prob: float = 0.5
     cache_images: bool = True  # in memory: decode the training images once, kept as uint8
     max_cache_gb: float = 4.0  # above this the in-memory images are decoded per batch instead

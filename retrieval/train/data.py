@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from retrieval.data.grouping import ImageGroups, group_pairs
+from retrieval.data.grouping import ImageGroups, batch_positive_ids, group_pairs
 from retrieval.data.images import ImageDecodeError, load_for_model
 from retrieval.data.pairs import Pair, PairStats, iter_pairs
 from retrieval.data.recolour import colours_named, draw_permutations, recolour, swap_words
@@ -162,8 +162,7 @@ class TrainData:
         texts = [self.captions[c] for c in chosen]
         if self.recolour_prob > 0 or self.mirror_prob > 0:
             pixels, texts = self._augment(pixels, texts, micro_step)
-            key: dict[str, int] = {}
-            ids = torch.tensor([key.setdefault(t, len(key)) for t in texts])  # (B,) positives: the same text
+            ids = batch_positive_ids([None] * len(texts), texts)  # (B,) distinct images: the same text
             batch = TrainBatch(pixels, self.tokenizer(texts).long(), ids)
         else:
             batch = TrainBatch(pixels, self.tokens[chosen].long(), self.ids[chosen])

@@ -12,8 +12,9 @@ every reader and the number of batches taken. A resumed run skips each reader's 
 them and rotates the readers so the next batch comes from the reader that was next, which yields the batches the
 uninterrupted run would have seen.
 
-Positives: two rows are one image when their image bytes (or path) hash alike; repeated images in a stream of
-several captions per image are then positives of each other, never negatives.
+Positives: two rows are one image when their `image_id` column, else their image bytes (or path), hash alike; two
+rows of a batch are positives when they are one image or carry the same caption (grouping.batch_positive_ids, the
+rule of in-memory batches too): a caption is never a negative of an image it describes.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from retrieval.data.grouping import group_pairs, image_key
+from retrieval.data.grouping import batch_positive_ids, group_pairs, image_key
 from retrieval.data.images import ImageDecodeError, load_for_model
 from retrieval.data.pairs import Pair, PairStats, _shards, detect_format, iter_pairs
 from retrieval.data.recolour import choose, colours_named, draw_permutations, recolour, swap_words
@@ -123,7 +124,8 @@ class _Readers(IterableDataset):
                 continue
             pixels.append(torch.from_numpy(array).permute(2, 0, 1))  # (3, S, S)
             captions.append(pair.caption)
-            ids.append(image_id(pair.image))
+            key = image_key(pair)
+            ids.append(image_id(key.encode() if key.startswith("id:") else pair.image))
             if len(pixels) == self.cfg.batch_size:
                 yield self._batch(pixels, captions, ids, reader, consumed, step), role, consumed
                 pixels, captions, ids = [], [], []
@@ -137,9 +139,9 @@ class _Readers(IterableDataset):
             perms = draw_permutations(len(captions), prob, g, colours)
             pixels = recolour(pixels, perms)
             captions = [c if p is None else swap_words(c, p) for c, p in zip(captions, perms, strict=True)]
-            # a recoloured row is an image of its own: no other row's positive
-            ids = [i if p is None else -1 - k for k, (i, p) in enumerate(zip(ids, perms, strict=True))]
-        batch = TrainBatch(pixels, self.tokenizer(captions), torch.tensor(ids, dtype=torch.long))
+            # a recoloured row is a new image: positive only to rows with its (new) caption
+            ids = [i if p is None else None for i, p in zip(ids, perms, strict=True)]
+        batch = TrainBatch(pixels, self.tokenizer(captions), batch_positive_ids(ids, captions))
         if self.vocabulary is not None:
             seed = (self.cfg.seed * 100_003 + consumed) * 1_009 + reader + 7
             negatives, valid = negative_captions(captions, seed, self.vocabulary)

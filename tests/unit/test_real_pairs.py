@@ -62,6 +62,20 @@ def test_pairs_group_by_image_id_then_path_and_equal_captions_share_an_id():
     assert groups.caption_ids[0] == groups.caption_ids[4] != groups.caption_ids[1]
 
 
+def test_batch_positives_join_rows_of_one_image_or_one_caption():
+    from retrieval.data.grouping import batch_positive_ids
+
+    ids = batch_positive_ids(
+        ["a", "b", "a", None, "c", "d"],
+        ["a dog", "A  Dog", "a brown dog", "a brown dog", "a cat", "a bird"],
+    ).tolist()
+    # rows 0 and 2 show one image, row 1 repeats row 0's caption, row 3 (a recoloured copy) repeats row 2's
+    assert ids[0] == ids[1] == ids[2] == ids[3]
+    assert len({ids[0], ids[4], ids[5]}) == 3
+    # the id is the group's caption's, so another batch (another rank, a queue) agrees on equal texts
+    assert batch_positive_ids([None], ["a cat"]).tolist() == [ids[4]]
+
+
 def test_batches_hold_distinct_images_each_with_one_of_its_own_captions(coco):
     from retrieval.train.data import load_groups
 
@@ -252,6 +266,9 @@ def test_streamed_shards_give_full_batches_and_resume_exactly(coco, tmp_path):
     first = [next(batches) for _ in range(5)]
     assert all(b.pixels.shape == (8, 3, 32, 32) and b.tokens.shape[0] == 8 for b in first)
     assert all(b.negative_tokens is not None for b in first)
+    for b in first:  # rows with the same caption are positives (recoloured or not, whichever image)
+        same_text = (b.tokens[:, None] == b.tokens[None]).all(-1)  # (B, B)
+        assert not (same_text & (b.ids[:, None] != b.ids[None])).any()
     # a resumed reader (its state after 3 batches) yields the 4th and 5th batches again
     resumed = StreamData(str(shards), cfg, open_clip.get_tokenizer("test-micro"), 32)
     again = StreamData(str(shards), cfg, open_clip.get_tokenizer("test-micro"), 32)
