@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from retrieval.errors import UserError
+from retrieval.models.fusion import grid_positions
 
 TYPES = ("linear", "mlpNx_gelu", "downsample2x2", "resampler", "patches", "xattn")
 _MLP = re.compile(r"^mlp(\d+)x_gelu$")
@@ -31,6 +32,9 @@ class ConnectorConfig:
     heads: int = 4  # resampler and xattn: attention heads
     every: int = 4  # xattn: a gated cross-attention block before every M-th LLM layer
     patch: int = 8  # patches: pixel patch side (image side / patch = tokens per row)
+    # fixed 2D sin-cos positions added to the tower's patch tokens before the connector (square grids): the
+    # LLM's own positions only order a sequence, so "left of" and "above" must come from the tokens themselves
+    positions: bool = True
 
 
 class Mlp(nn.Sequential):
@@ -100,6 +104,9 @@ class Connector(nn.Module):
         self.cfg, self.body, self.tokens, self.needs_vision = cfg, body, tokens, needs_vision
 
     def forward(self, x: Tensor) -> Tensor:
+        """The tower's patch tokens (B, N, Wv), or pixels for patches -> (B, K, D)."""
+        if self.cfg.positions and self.needs_vision:
+            x = x + grid_positions(x.shape[1], x.shape[2], x.device, x.dtype)
         return self.body(x)
 
 

@@ -151,7 +151,7 @@ def load_vlm(directory: str | os.PathLike, llm: str | None = None, vision: str |
             f"{model.identity['name']} is another one (digest {model.identity['digest'][:12]})"
         )
     model.identity = dict(config["llm"])
-    connector_cfg = from_dict(ConnectorConfig, config["connector"], "connector")
+    connector_cfg = recorded_connector(config)
     width, grid, side, _ = vision_grid(tower)
     connector = build_connector(connector_cfg, width, grid, model.width, config["image"]["size"])
     vlm = Vlm(model, connector, tower, from_dict(PromptConfig, config["prompt"], "prompt"), config["image"])
@@ -162,6 +162,11 @@ def load_vlm(directory: str | os.PathLike, llm: str | None = None, vision: str |
         add_lora(vlm.llm, config["lora"])
     load_weights(vlm, directory, check=False)
     return vlm.eval()
+
+
+def recorded_connector(config: dict[str, Any]) -> ConnectorConfig:
+    """A checkpoint's connector; one written before connector positions existed was trained without them."""
+    return from_dict(ConnectorConfig, {"positions": False, **config["connector"]}, "connector")
 
 
 def load_weights(vlm: Vlm, directory: str | os.PathLike, check: bool = True) -> Vlm:
@@ -176,7 +181,7 @@ def load_weights(vlm: Vlm, directory: str | os.PathLike, check: bool = True) -> 
         theirs, ours = (config["vision"] or {}).get("weights"), (vlm.vision_identity or {}).get("weights")
         if theirs != ours:
             raise UserError(f"{directory} was trained with another vision tower ({theirs}, this run: {ours})")
-        if config["connector"] != dataclasses.asdict(vlm.connector.cfg):
+        if recorded_connector(config) != vlm.connector.cfg:
             raise UserError(f"{directory} has another connector ({config['connector']['type']})")
     for name, filename in config["components"].items():
         state = load_safetensors(Path(directory) / filename)

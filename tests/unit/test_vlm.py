@@ -1,5 +1,6 @@
 """The VLM head on a tiny random Llama: splice, connectors, gated cross-attention, checkpoints, VQA data/metric."""
 
+import json
 import random
 
 import pytest
@@ -80,6 +81,16 @@ def test_connectors_shapes(kind, tokens):
     assert y.shape == (2, tokens or 16, 32) and torch.isfinite(y).all()
 
 
+def test_connector_positions_say_where_a_token_came_from():
+    same = torch.ones(1, 16, 12)  # one token repeated over the 4x4 grid
+    for kind in ("linear", "mlp2x_gelu", "xattn"):
+        y = build_connector(ConnectorConfig(type=kind), 12, 4, 32, 32)(same)
+        assert not torch.allclose(y[0, 0], y[0, -1])
+    without = build_connector(ConnectorConfig(positions=False), 12, 4, 32, 32)
+    y = without(same)
+    assert torch.allclose(y[0, 0], y[0, -1])  # without them, equal tokens stay equal wherever they were
+
+
 def test_connector_errors():
     assert set(TYPES) >= {"linear", "mlpNx_gelu", "downsample2x2", "resampler", "patches", "xattn"}
     with pytest.raises(UserError, match="unknown connector type 'mlp'"):
@@ -129,6 +140,12 @@ def test_vlm_encode_masks_prompt_and_checkpoint_round_trip(tiny, tmp_path):
     save_vlm(tmp_path / "ck", vlm, "frozen", None, {})
     back = load_vlm(tmp_path / "ck")
     assert torch.equal(back.connector.body[0].weight, vlm.connector.body[0].weight)
+    assert back.connector.cfg.positions
+    # a checkpoint from before connector positions loads as trained: without them
+    config = json.loads((tmp_path / "ck" / "config.json").read_text())
+    del config["connector"]["positions"]
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(config))
+    assert not load_vlm(tmp_path / "ck").connector.cfg.positions
     with pytest.raises(UserError, match="trained with the LLM"):
         load_vlm(tmp_path / "ck", llm=str(llm2))
     with pytest.raises(UserError, match="trained with the vision tower"):
