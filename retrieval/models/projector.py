@@ -32,9 +32,9 @@ class ConnectorConfig:
     heads: int = 4  # resampler and xattn: attention heads
     every: int = 4  # xattn: a gated cross-attention block before every M-th LLM layer
     patch: int = 8  # patches: pixel patch side (image side / patch = tokens per row)
-    # fixed 2D sin-cos positions added to the tower's patch tokens before the connector (square grids): the
-    # LLM's own positions only order a sequence, so "left of" and "above" must come from the tokens themselves
-    positions: bool = True
+    # fixed 2D sin-cos positions added to the tower's patch tokens before the connector (square grids); off:
+    # on the 16-token synth tower they did not pay (0.710 -> 0.698 held-out, docs/vlm.md)
+    positions: bool = False
 
 
 class Mlp(nn.Sequential):

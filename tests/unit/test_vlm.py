@@ -84,7 +84,7 @@ def test_connectors_shapes(kind, tokens):
 def test_connector_positions_say_where_a_token_came_from():
     same = torch.ones(1, 16, 12)  # one token repeated over the 4x4 grid
     for kind in ("linear", "mlp2x_gelu", "xattn"):
-        y = build_connector(ConnectorConfig(type=kind), 12, 4, 32, 32)(same)
+        y = build_connector(ConnectorConfig(type=kind, positions=True), 12, 4, 32, 32)(same)
         assert not torch.allclose(y[0, 0], y[0, -1])
     without = build_connector(ConnectorConfig(positions=False), 12, 4, 32, 32)
     y = without(same)
@@ -123,7 +123,7 @@ def test_vlm_encode_masks_prompt_and_checkpoint_round_trip(tiny, tmp_path):
     from retrieval.models.vlm_checkpoint import build_vlm, load_vlm, save_vlm
 
     llm, llm2, root = tiny
-    vlm = build_vlm(str(llm), str(root / "vision"), ConnectorConfig(), PromptConfig())
+    vlm = build_vlm(str(llm), str(root / "vision"), ConnectorConfig(positions=True), PromptConfig())
     ids, learn = vlm.encode("what colour is the circle ?", "red")
     assert ids.count(IMAGE_ID) == 1 and sum(learn) == 2  # "red" + end of sequence
     two, learn2 = vlm.encode_turns(
