@@ -70,7 +70,7 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class RefineConfig:
-    steps: int = 700  # fusion-only ITM steps after the joint run, towers frozen (train/refine.py); 0: none
+    steps: int = 1000  # fusion-only ITM steps after the joint run, towers frozen (train/refine.py); 0: none
     batch_size: int = 128  # images per step, each with in-batch, opposite-relation and other false captions
     lr: float = 1e-3  # constant AdamW learning rate of the fusion encoder
     itm_weight: float = 2.0  # in-batch ITM cross-entropy: keeps the head calibrated for re-ranking
