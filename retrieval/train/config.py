@@ -106,8 +106,8 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
     caption: CaptionerConfig = field(default_factory=CaptionerConfig)  # the captioner (task=caption)
-    steps: int = 600  # optimizer steps (each of batch_size * grad_accum images); with the refinement stage
-    # about 12 minutes on 2 idle CPU cores (docs/training.md)
+    steps: int = 800  # optimizer steps (each of batch_size * grad_accum images); with the refinement stage
+    # about 11 minutes on 2 idle CPU cores (docs/training.md)
     batch_size: int = 96  # images per micro-batch, each with one of its captions; the contrastive batch
     grad_accum: int = 1  # micro-batches per optimizer step (each micro-batch is its own contrastive batch)
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or fp32, bf16, fp16
