@@ -100,7 +100,11 @@ def batch_positive_ids(images: Sequence[Hashable | None], captions: Sequence[str
     return torch.tensor([text_id(captions[root(i)]) for i in range(len(captions))], dtype=torch.long)
 
 
+def hash63(data: bytes) -> int:
+    """A 63-bit id of some bytes (an image, a caption), equal in every process."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
+
+
 def text_id(caption: str) -> int:
     """A 63-bit id of a caption (case and spacing aside), equal in every process."""
-    digest = hashlib.blake2b(normalize_caption(caption).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+    return hash63(normalize_caption(caption).encode())

@@ -19,7 +19,6 @@ rule of in-memory batches too): a caption is never a negative of an image it des
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import os
 import random
@@ -29,7 +28,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from retrieval.data.grouping import batch_positive_ids, group_pairs, image_key
+from retrieval.data.grouping import batch_positive_ids, group_pairs, hash63, image_key
 from retrieval.data.images import ImageDecodeError, load_for_model
 from retrieval.data.pairs import Pair, PairStats, _shards, detect_format, iter_pairs
 from retrieval.data.recolour import choose, colours_named, draw_permutations, recolour, swap_words
@@ -49,8 +48,7 @@ def should_stream(source: str, cfg: TrainConfig) -> bool:
 
 def image_id(image: str | bytes) -> int:
     """A 63-bit id of an image's bytes or path: equal images share it in every process."""
-    data = image if isinstance(image, bytes) else os.fsencode(image)
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
+    return hash63(image if isinstance(image, bytes) else os.fsencode(image))
 
 
 class _Readers(IterableDataset):
