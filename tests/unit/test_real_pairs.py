@@ -224,10 +224,13 @@ def test_opposite_caption_reverses_a_relation_in_any_wording():
     assert opposite_caption("a small red circle", True) is None
 
 
-def _shards(coco, out, n_shards, image_ids=False):
+def _shards(coco, out, n_shards, image_ids=False, caption=None):
     """The train split as WebDataset shards: one sample per (image, caption) row, dealt round-robin (an image's
-    captions land in several shards); with image_ids, each sample's .json names its image."""
+    captions land in several shards); with image_ids, each sample's .json names its image; caption(row) -> the
+    caption written instead of the row's own."""
     rows = [json.loads(line) for line in (coco / "train.jsonl").read_text().splitlines()]
+    if caption is not None:
+        rows = [{**row, "caption": caption(row)} for row in rows]
     out.mkdir()
     for s in range(n_shards):
         with tarfile.open(out / f"shard-{s:02d}.tar", "w") as tar:
@@ -252,6 +255,27 @@ def test_streamed_refinement_set_holds_max_pairs_images_with_all_their_captions(
     data = StreamData(str(shards), cfg, open_clip.get_tokenizer("test-micro"), 32).refine_set()
     # six images, not six captions: the captions dealt to other shards are read too
     assert len(data.groups) == 6 and len(data.captions) > 6
+
+
+def test_streamed_rows_of_other_images_with_one_caption_are_positives(coco, tmp_path):
+    """Four captions shared among the images: within a streamed batch, rows share a positive id exactly when
+    they carry the same caption, and some rows of distinct images do (the check is not vacuous)."""
+    from retrieval.train.stream import StreamData
+
+    def caption(row):
+        return f"scene number {sum(row['image'].encode()) % 4}"
+
+    shards = _shards(coco, tmp_path / "shards", 4, caption=caption)
+    cfg = load_train_config(None, [*TINY, "workers=1", "shuffle_buffer=16", "recolour=off"])
+    batches = StreamData(str(shards), cfg, open_clip.get_tokenizer("test-micro"), 32).batches(0)
+    across = 0
+    for _ in range(4):
+        b = next(batches)
+        same_text = (b.tokens[:, None] == b.tokens[None]).all(-1)  # (B, B)
+        same_image = (b.pixels[:, None] == b.pixels[None]).flatten(2).all(-1)  # (B, B)
+        assert torch.equal(same_text, b.ids[:, None] == b.ids[None])
+        across += int((same_text & ~same_image).sum())
+    assert across > 0
 
 
 def test_streamed_shards_give_full_batches_and_resume_exactly(coco, tmp_path):
