@@ -159,7 +159,14 @@ class PairScorer:
             length = int(mask.any(dim=0).nonzero().max()) + 1
             tokens = self.texts.tokens[t, :length]  # (B, length, Wt)
             images, index = torch.unique(i, return_inverse=True)  # each image's keys/values projected once
-            probs = itm_match_prob(self.model, tokens, mask[:, :length], self.images.tokens[images], index)
+            probs = itm_match_prob(
+                self.model,
+                tokens,
+                mask[:, :length],
+                self.images.tokens[images],
+                index,
+                self.images.feat[images],
+            )
             out.append(probs.float().cpu())
         return torch.cat(out)[by_length.argsort()]  # (P,) back in the order asked for
 

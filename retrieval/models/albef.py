@@ -47,7 +47,9 @@ class AlbefModel(nn.Module):
         except TowerError:  # ITC only (train/ refuses ITM at its start): the fusion is never called
             image_width, text_width = fusion_cfg.image_width, fusion_cfg.text_width
             self.reads_tokens = False
-        self.fusion_cfg = dataclasses.replace(fusion_cfg, image_width=image_width, text_width=text_width)
+        self.fusion_cfg = dataclasses.replace(
+            fusion_cfg, image_width=image_width, text_width=text_width, global_width=towers.embed_dim(clip)
+        )
         self.fusion: FusionEncoder = build_fusion(self.fusion_cfg)
 
     @property
@@ -84,9 +86,16 @@ class AlbefModel(nn.Module):
         return enc
 
     def itm_logits(
-        self, text_tokens: Tensor, text_mask: Tensor, image_tokens: Tensor, image_index: Tensor | None = None
+        self,
+        text_tokens: Tensor,
+        text_mask: Tensor,
+        image_tokens: Tensor,
+        image_index: Tensor | None = None,
+        image_global: Tensor | None = None,
     ) -> Tensor:
-        return self.fusion.itm_logits(text_tokens, text_mask, image_tokens, image_index)  # (B, 2)
+        """(B, 2) match logits. image_global (B or M, D): the images' L2-normalised pooled features, read when
+        fusion_cfg.global_token is on."""
+        return self.fusion.itm_logits(text_tokens, text_mask, image_tokens, image_index, image_global)
 
     def momentum_copy(self) -> AlbefModel:
         """A frozen EMA twin for momentum distillation (ALBEF)."""
@@ -103,10 +112,12 @@ def itm_match_prob(
     text_mask: Tensor,
     image_tokens: Tensor,
     image_index: Tensor | None = None,
+    image_global: Tensor | None = None,
 ) -> Tensor:
     """(B,) probability that text i matches image i (image image_index[i] when given), the score ITM
-    re-ranking sorts by."""
-    return model.itm_logits(text_tokens, text_mask, image_tokens, image_index).float().softmax(-1)[:, 1]
+    re-ranking sorts by. image_global: the images' L2-normalised pooled features (see AlbefModel.itm_logits)."""
+    logits = model.itm_logits(text_tokens, text_mask, image_tokens, image_index, image_global)  # (B, 2)
+    return logits.float().softmax(-1)[:, 1]
 
 
 def load_albef(directory) -> tuple[AlbefModel, str]:
@@ -137,8 +148,9 @@ def with_fusion(directory, clip: nn.Module) -> AlbefModel:
             f"{directory}: this checkpoint has no ITM head (fusion): it was trained with objectives.itm=false, or "
             "with objectives.joint_itm=false and stopped before the refinement stage (retrieval train --resume)"
         )
-    # checkpoints written before an option existed behave as then: first-token readout, no image positions
-    fusion = {"readout": "first", "image_positions": False, **config.get("fusion", {})}
+    # checkpoints written before an option existed behave as then: first-token readout, no image positions, no
+    # pooled-feature token
+    fusion = {"readout": "first", "image_positions": False, "global_token": False, **config.get("fusion", {})}
     model = AlbefModel(clip, from_dict(FusionConfig, fusion, "fusion"))
     load_component(directory, "fusion", model.fusion)
     return model.eval()

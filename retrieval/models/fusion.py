@@ -32,6 +32,10 @@ class FusionConfig:
     image_positions: bool = True  # add fixed 2D sin-cos positions to the image tokens (square grids only), so
     # "where is the red thing" is one cross-attention lookup, not whatever position survived the tower. Relations
     # need it; on synth scenes it did not yet move binding (0.817 vs 0.815), the relation's direction is unlearned
+    # the image's pooled feature (what ITC compares) as one more key/value token, as ALBEF's cross-attention also
+    # reads the [CLS] token. Off: it helped shapes and hurt the axis of a relation, even overall (docs/training.md)
+    global_token: bool = False
+    global_width: int = 512  # width of that pooled feature (set by the caller: the model's embedding size)
 
 
 class _FusionLayer(nn.Module):
@@ -123,6 +127,7 @@ class FusionEncoder(nn.Module):
         self.cfg = cfg
         self.text_proj = nn.Linear(cfg.text_width, cfg.width)
         self.image_proj = nn.Linear(cfg.image_width, cfg.width)
+        self.global_proj = nn.Linear(cfg.global_width, cfg.width) if cfg.global_token else None
         # Image tokens are keys/values in every layer and never updated, so one norm serves all layers.
         self.ln_image = nn.LayerNorm(cfg.width)
         self.blocks = nn.ModuleList(_FusionLayer(cfg) for _ in range(cfg.layers))
@@ -136,18 +141,23 @@ class FusionEncoder(nn.Module):
         image_tokens: Tensor,
         image_index: Tensor | None = None,
         only: Tensor | None = None,
+        image_global: Tensor | None = None,
     ) -> Tensor:
         """text_tokens (B, L, text_width), text_mask (B, L) bool True = real token, image_tokens
         (B, N, image_width) -> (B, L, width). Padded positions come out as zeros. With image_index (B,) long,
         image_tokens holds M distinct images (M, N, image_width) and text row i attends to image_index[i].
-        only (B,) long: the last layer computes that position of each row alone; the result is (B, 1, width)."""
-        self._check(text_tokens, text_mask, image_tokens, image_index)
+        only (B,) long: the last layer computes that position of each row alone; the result is (B, 1, width).
+        image_global (B or M, global_width): each image's pooled feature, required with cfg.global_token."""
+        self._check(text_tokens, text_mask, image_tokens, image_index, image_global)
         key_padding = ~text_mask  # (B, L), MultiheadAttention's convention: True = ignore
         x = self.text_proj(text_tokens)  # (B, L, W)
         image = self.image_proj(image_tokens)  # (B or M, N, W)
         if self.cfg.image_positions:
             image = image + grid_positions(image.shape[1], image.shape[2], image.device, image.dtype)
-        image = self.ln_image(image)  # (B or M, N, W)
+        if self.global_proj is not None:
+            pooled = self.global_proj(image_global.to(image.dtype)).unsqueeze(1)  # (B or M, 1, W)
+            image = torch.cat([pooled, image], dim=1)  # (B or M, 1 + N, W)
+        image = self.ln_image(image)  # (B or M, N [+ 1], W)
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             x = block(x, key_padding, image, image_index, only if i == last else None)  # (B, L or 1, W)
@@ -158,12 +168,17 @@ class FusionEncoder(nn.Module):
         return x.masked_fill(key_padding.unsqueeze(-1), 0.0)  # (B, L, W)
 
     def itm_logits(
-        self, text_tokens: Tensor, text_mask: Tensor, image_tokens: Tensor, image_index: Tensor | None = None
+        self,
+        text_tokens: Tensor,
+        text_mask: Tensor,
+        image_tokens: Tensor,
+        image_index: Tensor | None = None,
+        image_global: Tensor | None = None,
     ) -> Tensor:
         """(B, 2) match logits (class 1 = match) from the readout token (cfg.readout: the last real one, or the
         first); the same as itm_head(forward(...)[rows, position]), the last layer computing that row alone."""
         position = self.readout_position(text_mask)  # (B,)
-        x = self(text_tokens, text_mask, image_tokens, image_index, only=position)  # (B, 1, W)
+        x = self(text_tokens, text_mask, image_tokens, image_index, only=position, image_global=image_global)
         return self.itm_head(x[:, 0])  # (B, 2)
 
     def readout_position(self, text_mask: Tensor) -> Tensor:
@@ -174,7 +189,12 @@ class FusionEncoder(nn.Module):
         return text_mask.sum(dim=1) - 1  # (B,)
 
     def _check(
-        self, text_tokens: Tensor, text_mask: Tensor, image_tokens: Tensor, image_index: Tensor | None
+        self,
+        text_tokens: Tensor,
+        text_mask: Tensor,
+        image_tokens: Tensor,
+        image_index: Tensor | None,
+        image_global: Tensor | None,
     ) -> None:
         b, length, tw = text_tokens.shape
         if (
@@ -202,6 +222,14 @@ class FusionEncoder(nn.Module):
             raise ValueError(
                 f"text_mask must be bool ({b}, {length}) and image_tokens batch {b}; got mask "
                 f"{tuple(text_mask.shape)} {text_mask.dtype}, image batch {image_tokens.shape[0]}"
+            )
+        if self.cfg.global_token and (
+            image_global is None or image_global.shape != (image_tokens.shape[0], self.cfg.global_width)
+        ):
+            got = None if image_global is None else tuple(image_global.shape)
+            raise ValueError(
+                f"this fusion reads each image's pooled feature: image_global must be "
+                f"({image_tokens.shape[0]}, {self.cfg.global_width}); got {got}"
             )
         # The ITM head reads position 0; a padded first token means left padding or an empty text.
         if not bool(text_mask[:, 0].all()) or bool((text_mask[:, 1:] & ~text_mask[:, :-1]).any()):
@@ -231,8 +259,11 @@ def build_fusion(cfg: FusionConfig) -> FusionEncoder:
         problems.append(f"width, layers and heads must be >= 1 (got {cfg.width}, {cfg.layers}, {cfg.heads})")
     elif cfg.width % cfg.heads:
         problems.append(f"width {cfg.width} is not divisible by heads {cfg.heads}")
-    if cfg.text_width < 1 or cfg.image_width < 1:
-        problems.append(f"text_width and image_width must be >= 1 (got {cfg.text_width}, {cfg.image_width})")
+    if cfg.text_width < 1 or cfg.image_width < 1 or cfg.global_width < 1:
+        problems.append(
+            f"text_width, image_width and global_width must be >= 1 (got {cfg.text_width}, {cfg.image_width}, "
+            f"{cfg.global_width})"
+        )
     if cfg.readout not in ("first", "last"):
         problems.append(f"readout must be 'first' or 'last' (got {cfg.readout!r})")
     if cfg.mlp_ratio <= 0 or not 0.0 <= cfg.dropout < 1.0:

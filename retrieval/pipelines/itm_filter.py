@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from retrieval.data.grouping import normalize_caption
 from retrieval.errors import UserError
@@ -45,14 +46,15 @@ class FilterScorer:
 
         pre = self.model.clip.visual.preprocess_cfg
         x = normalize(pixels, pre["mean"], pre["std"], self.device)
-        _, image_tokens = encode_image_tokens(self.model.clip, x)  # (B, N, Wv)
+        pooled, image_tokens = encode_image_tokens(self.model.clip, x)  # (B, D), (B, N, Wv)
+        pooled = F.normalize(pooled.float(), dim=-1)
         out = []
         for s in range(0, len(captions), batch):
             ids = self.tokenizer(list(captions[s : s + batch])).to(self.device)  # (n, L)
             _, tokens = encode_text_tokens(self.model.clip, ids, trim=True)  # (n, L', Wt)
             mask = text_mask(self.model.clip, ids[:, : tokens.shape[1]])  # (n, L')
             index = torch.tensor(list(image_index[s : s + batch]), device=self.device)  # (n,)
-            out.append(itm_match_prob(self.model, tokens, mask, image_tokens, index).float().cpu())
+            out.append(itm_match_prob(self.model, tokens, mask, image_tokens, index, pooled).float().cpu())
         return torch.cat(out) if out else torch.empty(0)
 
 

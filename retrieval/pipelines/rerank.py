@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from retrieval.data.images import ImageDecodeError, load_for_model
 from retrieval.errors import UserError
@@ -51,7 +52,7 @@ def rerank_hits(
         return hits, len(unreadable)
     with torch.inference_mode():
         x = normalize(torch.stack(pixels), preprocess["mean"], preprocess["std"], device)  # (K, 3, S, S)
-        _, image_tokens = encode_image_tokens(model.clip, x)  # (K, N, Wv)
+        pooled, image_tokens = encode_image_tokens(model.clip, x)  # (K, D), (K, N, Wv)
         ids = tokenizer([text]).to(device)  # (1, L)
         _, text_tokens = encode_text_tokens(model.clip, ids)  # (1, L, Wt)
         n = len(readable)
@@ -62,6 +63,7 @@ def rerank_hits(
                 text_mask(model.clip, ids).expand(n, -1),
                 image_tokens,
                 torch.arange(n, device=device),
+                F.normalize(pooled.float(), dim=-1),
             )
             .float()
             .cpu()

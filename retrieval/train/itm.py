@@ -31,6 +31,7 @@ def itm_forward(
     ranked: dict[str, tuple[Tensor, Tensor, Tensor, Tensor]] | None = None,
     scored: dict[str, tuple[Tensor, Tensor, Tensor]] | None = None,
     compared: dict[str, tuple[tuple[str, Tensor], tuple[str, Tensor]]] | None = None,
+    image_global: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """ITM on B positives, B hard-negative texts (one per image) and B hard-negative images (one per text).
 
@@ -47,6 +48,8 @@ def itm_forward(
     with no loss of their own, for `compared` to name.
     compared: name -> ((true group, rows (V,)), (false group, rows (V,))): row k of the first must outscore row
     k of the second; a group is "positive" (the B matched pairs) or a ranked or scored group's name.
+    image_global: (rows of image_tokens, D) the images' L2-normalised pooled features, for a fusion that reads them
+    (FusionConfig.global_token).
     Returns `matching.itm_loss`'s dict, plus "rank_<name>" and "rank_<name>_acc" per ranked or compared group.
     """
     b = text_tokens.shape[0]
@@ -85,7 +88,9 @@ def itm_forward(
         masks.append(mask)
         images.append(image)
     # (3B [+ V] [+ ranked + scored], 2); each image's keys/values are projected once, not once per row
-    logits = fusion.itm_logits(torch.cat(texts), torch.cat(masks), image_tokens, torch.cat(images))
+    logits = fusion.itm_logits(
+        torch.cat(texts), torch.cat(masks), image_tokens, torch.cat(images), image_global
+    )
     out = itm_loss(logits[:b], logits[b:n_itm])
     log_odds = logits[:, 1] - logits[:, 0]  # (rows,)
     pairs = {

@@ -121,6 +121,7 @@ class RefineCache:
                 (len(self.index),), -1, dtype=torch.long
             )  # (n,) row in mirror_tokens, -1: none
             self.mirror_tokens = self.image_tokens[:0]
+            self.mirror_feat = self.image_feat[:0]  # (m, D) their pooled features
             if relations and rc.mirror_weight > 0:
                 self._mirrors(model, data, preprocess, device)
             self._texts(model, data.tokenizer, texts, u, device, progress, teacher)
@@ -185,6 +186,7 @@ class RefineCache:
     def _mirrors(self, model, data, preprocess, device) -> None:
         """Token states of the mirror twin (train/twins.py) of every cached image whose caption names a
         direction: the same scene with the relation reversed, an image-side false match for that caption."""
+        feats: list[Tensor] = []
         states: list[Tensor] = []
         todo = [k for k, c in enumerate(self.row_captions) if directional(c, self.vertical)]
         done = 0
@@ -200,11 +202,14 @@ class RefineCache:
             if not chunk:
                 continue
             x = normalize(torch.stack(pixels), preprocess["mean"], preprocess["std"], device)
-            states.append(encode_image_tokens(model.clip, x)[1])  # (b, T, Wv)
+            feat, tokens = encode_image_tokens(model.clip, x)  # (b, D), (b, T, Wv)
+            feats.append(F.normalize(feat.float(), dim=-1))
+            states.append(tokens)
             self.mirror[torch.tensor(chunk)] = done + torch.arange(len(chunk))
             done += len(chunk)
         if states:
             self.mirror_tokens = torch.cat(states)  # (m, T, Wv)
+            self.mirror_feat = torch.cat(feats)  # (m, D)
 
     def _texts(self, model, tokenizer, texts: list[str], n_captions: int, device, progress, teacher) -> None:
         tokens = tokenizer(texts)  # (M, L)

@@ -108,6 +108,7 @@ class ItcItmTask(nn.Module):
                 negative_tokens=enc.negative_tokens,
                 negative_mask=enc.negative_mask,
                 negative_valid=negative_valid,
+                image_global=enc.image_feat,
             )
             out.update(itm)
             loss = loss + cfg.itm_weight * itm["itm"]

@@ -208,7 +208,7 @@ def test_evaluate_oracle_scores_are_perfect(
         feat = torch.nn.functional.one_hot(ids[:, 1], dim).float()  # (B, dim)
         return feat, feat.unsqueeze(1).expand(-1, 2, -1)  # (B, dim), (B, 2, dim)
 
-    def fake_itm(model, text_tokens, text_mask, image_tokens, image_index):
+    def fake_itm(model, text_tokens, text_mask, image_tokens, image_index, image_global):
         images = image_tokens[image_index]  # (B, N, W): the image each text row is scored against
         return (text_tokens[:, 0] * images[:, 0]).sum(-1)  # (B,) 1 for the same scene, else 0
 
@@ -254,7 +254,9 @@ def test_binding_matches_a_direct_computation(heldout: list[Pair]) -> None:
             pixels = torch.from_numpy(load_for_model(p.image, 32)[0]).permute(2, 0, 1)  # (3, S, S)
             x = ((pixels.float() / 255 - 0.5) / 0.25).expand(len(captions), -1, -1, -1)  # (C, 3, S, S)
             enc = model.encode(x, tokenizer(captions))
-            itm.append(itm_match_prob(model, enc.text_tokens, enc.text_mask, enc.image_tokens))  # (C,)
+            itm.append(
+                itm_match_prob(model, enc.text_tokens, enc.text_mask, enc.image_tokens, None, enc.image_feat)
+            )  # (C,)
             itc.append((enc.image_feat * enc.text_feat).sum(-1))  # (C,)
 
     def split(rows: list[torch.Tensor], kind: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -284,11 +286,13 @@ def test_itm_scorer_trims_padding_and_caches_pairs(monkeypatch: pytest.MonkeyPat
         captions = ["a small red circle", "a large blue square to the left of a small green cross", "a cross"]
         texts = scoring_module.encode_texts(model.clip, tokenizer, captions, torch.device("cpu"), 8, True)
         image_tokens = torch.randn(2, 5, model.clip.visual.transformer.width)  # (I=2, N, Wv)
-        images = scoring_module.Encoded(torch.randn(2, 32), image_tokens)
+        pooled = torch.nn.functional.normalize(torch.randn(2, model.embed_dim), dim=-1)  # (I, D)
+        images = scoring_module.Encoded(pooled, image_tokens)
         scorer = scoring_module.PairScorer(model, texts, images, batch=2)
         t, i = torch.tensor([0, 1, 2, 2]), torch.tensor([1, 0, 1, 0])
         got = scorer(t, i)
-        full = model.itm_logits(texts.tokens[t], texts.mask[t], image_tokens[i]).softmax(-1)[:, 1]  # (4,)
+        full = model.itm_logits(texts.tokens[t], texts.mask[t], image_tokens[i], None, pooled[i])  # (4, 2)
+        full = full.softmax(-1)[:, 1]  # (4,)
         assert torch.allclose(got, full, atol=1e-5)
         calls: list[int] = []
         monkeypatch.setattr(scoring_module, "itm_match_prob", lambda m, tok, *_: calls.append(len(tok)))

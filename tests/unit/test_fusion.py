@@ -10,7 +10,8 @@ import torch
 from retrieval.models.fusion import FusionConfig, FusionEncoder, build_fusion
 from retrieval.train.itm import itm_forward
 
-CFG = FusionConfig(width=32, layers=2, heads=2, text_width=16, image_width=24)
+# patch tokens only: the pooled-feature token has its own test below
+CFG = FusionConfig(width=32, layers=2, heads=2, text_width=16, image_width=24, global_token=False)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -82,10 +83,10 @@ def test_bad_inputs_and_configs_fail_loudly() -> None:
 class _SpyFusion(FusionEncoder):
     """Records which (image, text) pairs it was asked to score."""
 
-    def itm_logits(self, text_tokens, text_mask, image_tokens, image_index=None):
+    def itm_logits(self, text_tokens, text_mask, image_tokens, image_index=None, image_global=None):
         images = image_tokens if image_index is None else image_tokens[image_index]
         self.seen = (text_tokens.detach(), images.detach())
-        return super().itm_logits(text_tokens, text_mask, image_tokens, image_index)
+        return super().itm_logits(text_tokens, text_mask, image_tokens, image_index, image_global)
 
 
 def test_itm_forward_negatives_respect_positive_mask() -> None:
@@ -253,3 +254,32 @@ def test_image_positions_make_the_fusion_see_where_things_are(positions: bool) -
     # a token count that is not a square grid (e.g. a class token kept) gets no positions, and still runs
     odd = torch.randn(3, 17, CFG.image_width)
     assert torch.allclose(fusion(text, mask, odd), fusion(text, mask, odd[:, torch.randperm(17)]), atol=1e-5)
+
+
+def test_the_pooled_feature_token_is_read_per_image_and_required() -> None:
+    """With global_token each image's pooled feature is one more key/value: changing it changes the match, the
+    grid positions still reach the patch tokens, rows sharing an image see that image's feature, and a call
+    without the features fails with the shape it needs."""
+    torch.manual_seed(2)
+    cfg = dataclasses.replace(CFG, global_token=True, global_width=8)
+    fusion = build_fusion(cfg).eval()
+    text, mask, _ = _inputs(b=3)
+    image = torch.randn(3, 16, CFG.image_width)  # (B, 4 x 4 grid, Di)
+    pooled = torch.randn(3, 8)  # (B, D)
+    out = fusion.itm_logits(text, mask, image, image_global=pooled)
+    assert not torch.allclose(
+        out, fusion.itm_logits(text, mask, image, image_global=pooled.flip(0)), atol=1e-4
+    )
+    mirrored = image.unflatten(1, (4, 4)).flip(2).flatten(1, 2)
+    assert not torch.allclose(out, fusion.itm_logits(text, mask, mirrored, image_global=pooled), atol=1e-4)
+    index = torch.tensor([2, 0, 2])
+    torch.testing.assert_close(
+        fusion.itm_logits(text, mask, image, index, image_global=pooled),
+        fusion.itm_logits(text, mask, image[index], image_global=pooled[index]),
+        atol=1e-5,
+        rtol=1e-4,
+    )
+    with pytest.raises(ValueError, match=r"image_global must be \(3, 8\); got None"):
+        fusion.itm_logits(text, mask, image)
+    plain = build_fusion(CFG)  # the option off: no parameters for it, and a feature passed is not read
+    assert not any("global" in name for name, _ in plain.named_parameters())

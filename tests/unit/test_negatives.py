@@ -154,14 +154,14 @@ def test_distilled_loss_with_negatives() -> None:
 
 
 def test_itm_forward_adds_one_negative_pair_per_valid_row() -> None:
-    cfg = FusionConfig(width=16, layers=1, heads=2, text_width=8, image_width=8)
+    cfg = FusionConfig(width=16, layers=1, heads=2, text_width=8, image_width=8, global_token=False)
     fusion = build_fusion(cfg)
     seen = {}
     original = fusion.itm_logits
 
-    def spy(texts, masks, images, index):
+    def spy(texts, masks, images, index, image_global=None):
         seen["texts"], seen["images"] = texts, images[index]
-        return original(texts, masks, images, index)
+        return original(texts, masks, images, index, image_global)
 
     fusion.itm_logits = spy
     b = 3
@@ -212,7 +212,9 @@ def test_relation_opposite_and_binding_candidates_split_the_rules() -> None:
 
 def test_itm_forward_ranks_false_pairs_outside_the_cross_entropy() -> None:
     torch.manual_seed(0)
-    fusion = build_fusion(FusionConfig(width=16, layers=1, heads=2, text_width=8, image_width=8))
+    fusion = build_fusion(
+        FusionConfig(width=16, layers=1, heads=2, text_width=8, image_width=8, global_token=False)
+    )
     b = 3
     text, image = torch.randn(b, 4, 8), torch.randn(b + 1, 5, 8)  # one image past the batch
     mask = torch.ones(b, 4, dtype=torch.bool)
@@ -263,3 +265,4 @@ def test_itm_forward_ranks_false_pairs_outside_the_cross_entropy() -> None:
     assert out["rank_over_image"].item() == pytest.approx(expected.item(), rel=1e-5)
     expected = F.softplus(-(pair[0] - lo[[1, 2]])).mean()
     assert out["rank_over_positive"].item() == pytest.approx(expected.item(), rel=1e-5)
+

@@ -65,7 +65,8 @@ def test_a_checkpoint_keeps_its_architecture_when_the_preset_changes(tmp_path):
 
 
 def test_fusion_of_an_older_checkpoint_keeps_its_options(tmp_path):
-    """A fusion saved before image positions (and the EOT readout) existed must load as it was trained."""
+    """A fusion saved before image positions, the EOT readout and the pooled-feature token existed must load as
+    it was trained."""
     import dataclasses
 
     from retrieval.models.albef import AlbefModel, load_albef
@@ -73,13 +74,14 @@ def test_fusion_of_an_older_checkpoint_keeps_its_options(tmp_path):
 
     model = AlbefModel(create_clip("test-micro")[0], FusionConfig(width=32, layers=1, heads=2))
     fusion = dataclasses.asdict(model.fusion_cfg)
-    for key in ("image_positions", "readout"):
+    for key in ("image_positions", "readout", "global_token", "global_width"):
         fusion.pop(key)
     save_checkpoint(
         tmp_path, "test-micro", {"dual_encoder": model.clip, "fusion": model.fusion}, {"fusion": fusion}
     )
     loaded, _ = load_albef(tmp_path)
     assert loaded.fusion_cfg.image_positions is False and loaded.fusion_cfg.readout == "first"
+    assert loaded.fusion_cfg.global_token is False and loaded.fusion.global_proj is None
     fusion["image_positions"] = True
     save_checkpoint(
         tmp_path, "test-micro", {"dual_encoder": model.clip, "fusion": model.fusion}, {"fusion": fusion}
