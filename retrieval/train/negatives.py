@@ -9,6 +9,8 @@ and the relations directly. The rules are plain word edits, no parser:
 - swap the head nouns on the two sides of a spatial relation: binding of the shapes/objects
 - swap the two phrases around a spatial relation ("X left of Y" -> "Y left of X"): direction
 - replace the relation with another of its family (left of -> right of, above, below): direction and axis
+- turn the layout a quarter: direction words of one axis replaced by the other's ("left" <-> "top", "right" <->
+  "bottom"), in any wording: the axis, which a batch of other scenes never contrasts
 - a caption with nothing to swap gets one attribute word changed (red -> blue, small -> large)
 - replace a word by one the training captions use in the same places for other images (`substitutes`: a
   circle for a square, a cat for a dog), learned from the data, so nouns and attributes no word list names get
@@ -80,6 +82,13 @@ _RELATION_FAMILY = {
     r: (_OPPOSITE[r], *(("above", "below") if r in _HORIZONTAL else ("to the left of", "to the right of")))
     for r in RELATIONS
 }
+# Direction words of one axis and their counterparts on the other: the layout turned a quarter. Word level, so
+# any wording that names the direction by one of these words gets an axis negative; those that name it otherwise
+# ("higher up") get none, and the bigram check drops the swaps no training caption could say ("its bottom" when
+# no caption has it).
+_AXIS = {"left": "top", "right": "bottom", "leftmost": "topmost", "rightmost": "bottommost"}
+_AXIS.update({v: k for k, v in list(_AXIS.items())})
+_AXIS_RE = re.compile(r"\b(" + "|".join(_AXIS) + r")\b")
 _RELATION_RE = re.compile(r"\b(" + "|".join(sorted(RELATIONS, key=len, reverse=True)) + r")\b")
 _WORD_RE = re.compile(r"[a-z]+")
 
@@ -227,6 +236,9 @@ def candidates(caption: str) -> list[str]:
             if lw[-1] != rw[-1]:  # head nouns swapped, everything else in place
                 found.append(" ".join([*lw[:-1], rw[-1], relation, *rw[:-1], lw[-1]]))
             found.extend(f"{left} {other} {right}" for other in _RELATION_FAMILY[relation])
+    turned = None if match else axis_swapped(text)  # the lexicon's relations change axis by their family
+    if turned is not None:
+        found.append(turned)
     if not found:  # one object: change an attribute instead of swapping two
         for k, w in enumerate(words):
             if w in COLOURS:
@@ -234,6 +246,15 @@ def candidates(caption: str) -> list[str]:
             elif w in OPPOSITE_SIZE:
                 found.append(" ".join([*words[:k], OPPOSITE_SIZE[w], *words[k + 1 :]]))
     return [c for c in dict.fromkeys(found) if c != text]
+
+
+def axis_swapped(caption: str) -> str | None:
+    """`caption` (lower-cased, single-spaced) with every direction word moved to the other axis ("left: a red
+    circle; right: a blue square" -> "top: ...; bottom: ..."): the same objects, the layout turned a quarter;
+    None when it names no direction by these words."""
+    text = " ".join(caption.lower().split())
+    turned = _AXIS_RE.sub(lambda m: _AXIS[m.group(1)], text)
+    return turned if turned != text else None
 
 
 def relation_opposite(caption: str) -> str | None:

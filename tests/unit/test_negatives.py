@@ -266,3 +266,20 @@ def test_itm_forward_ranks_false_pairs_outside_the_cross_entropy() -> None:
     expected = F.softplus(-(pair[0] - lo[[1, 2]])).mean()
     assert out["rank_over_positive"].item() == pytest.approx(expected.item(), rel=1e-5)
 
+
+def test_the_axis_rule_turns_direction_words_a_quarter_in_any_wording() -> None:
+    """ "left"/"right" <-> "top"/"bottom" wherever a caption names a direction by them: the objects kept, the
+    layout on the other axis; captions the relation lexicon reads change axis by their family instead."""
+    from retrieval.train.negatives import axis_swapped
+
+    caption = "left: a large red square; right: a small blue cross"
+    turned = "top: a large red square; bottom: a small blue cross"
+    assert axis_swapped(caption) == turned and axis_swapped(turned) == caption
+    assert turned in candidates(caption)
+    assert axis_swapped("a red circle and a blue square") is None
+    assert axis_swapped("a leftover sandwich") is None  # whole words only
+    synth = "a small red circle to the left of a large blue square"
+    assert not any("top" in c or "bottom" in c for c in candidates(synth))
+    # and, like every rule, it survives only where the training captions hold its bigrams
+    vocabulary = Vocabulary([caption, "top: a small blue square; bottom: a large red cross"])
+    assert vocabulary.allows(turned) and not vocabulary.allows("the top side of a small blue cross")
