@@ -184,8 +184,8 @@ class RefineCache:
             self._teacher_image = torch.cat(taught)  # (n, D)
 
     def _mirrors(self, model, data, preprocess, device) -> None:
-        """Token states of the mirror twin (train/twins.py) of every cached image whose caption names a
-        direction: the same scene with the relation reversed, an image-side false match for that caption."""
+        """Pooled features and token states of the mirror twin (train/twins.py) of every cached image whose caption
+        names a direction: the same scene with the relation reversed, an image-side false match for that caption."""
         feats: list[Tensor] = []
         states: list[Tensor] = []
         todo = [k for k, c in enumerate(self.row_captions) if directional(c, self.vertical)]
