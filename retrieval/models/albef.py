@@ -93,7 +93,7 @@ class AlbefModel(nn.Module):
         image_index: Tensor | None = None,
         image_global: Tensor | None = None,
     ) -> Tensor:
-        """(B, 2) match logits. image_global (B or M, D): the images' L2-normalised pooled features, read when
+        """(B, 2) match logits. image_global (B or M, D): the images' pooled features, read when
         fusion_cfg.global_token is on."""
         return self.fusion.itm_logits(text_tokens, text_mask, image_tokens, image_index, image_global)
 
@@ -115,7 +115,7 @@ def itm_match_prob(
     image_global: Tensor | None = None,
 ) -> Tensor:
     """(B,) probability that text i matches image i (image image_index[i] when given), the score ITM
-    re-ranking sorts by. image_global: the images' L2-normalised pooled features (see AlbefModel.itm_logits)."""
+    re-ranking sorts by. image_global: the images' pooled features (see AlbefModel.itm_logits)."""
     logits = model.itm_logits(text_tokens, text_mask, image_tokens, image_index, image_global)  # (B, 2)
     return logits.float().softmax(-1)[:, 1]
 

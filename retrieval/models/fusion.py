@@ -147,7 +147,8 @@ class FusionEncoder(nn.Module):
         (B, N, image_width) -> (B, L, width). Padded positions come out as zeros. With image_index (B,) long,
         image_tokens holds M distinct images (M, N, image_width) and text row i attends to image_index[i].
         only (B,) long: the last layer computes that position of each row alone; the result is (B, 1, width).
-        image_global (B or M, global_width): each image's pooled feature, required with cfg.global_token."""
+        image_global (B or M, global_width): each image's pooled feature (L2-normalised here), required with
+        cfg.global_token."""
         self._check(text_tokens, text_mask, image_tokens, image_index, image_global)
         key_padding = ~text_mask  # (B, L), MultiheadAttention's convention: True = ignore
         x = self.text_proj(text_tokens)  # (B, L, W)
@@ -155,7 +156,9 @@ class FusionEncoder(nn.Module):
         if self.cfg.image_positions:
             image = image + grid_positions(image.shape[1], image.shape[2], image.device, image.dtype)
         if self.global_proj is not None:
-            pooled = self.global_proj(image_global.to(image.dtype)).unsqueeze(1)  # (B or M, 1, W)
+            pooled = self.global_proj(F.normalize(image_global.to(image.dtype), dim=-1)).unsqueeze(
+                1
+            )  # (B or M, 1, W)
             image = torch.cat([pooled, image], dim=1)  # (B or M, 1 + N, W)
         image = self.ln_image(image)  # (B or M, N [+ 1], W)
         last = len(self.blocks) - 1

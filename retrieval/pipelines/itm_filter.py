@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from retrieval.data.grouping import normalize_caption
 from retrieval.errors import UserError
@@ -47,7 +46,6 @@ class FilterScorer:
         pre = self.model.clip.visual.preprocess_cfg
         x = normalize(pixels, pre["mean"], pre["std"], self.device)
         pooled, image_tokens = encode_image_tokens(self.model.clip, x)  # (B, D), (B, N, Wv)
-        pooled = F.normalize(pooled.float(), dim=-1)
         out = []
         for s in range(0, len(captions), batch):
             ids = self.tokenizer(list(captions[s : s + batch])).to(self.device)  # (n, L)

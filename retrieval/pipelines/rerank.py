@@ -13,7 +13,6 @@ import os
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from retrieval.data.images import ImageDecodeError, load_for_model
 from retrieval.errors import UserError
@@ -63,7 +62,7 @@ def rerank_hits(
                 text_mask(model.clip, ids).expand(n, -1),
                 image_tokens,
                 torch.arange(n, device=device),
-                F.normalize(pooled.float(), dim=-1),
+                pooled,
             )
             .float()
             .cpu()

@@ -48,7 +48,7 @@ def itm_forward(
     with no loss of their own, for `compared` to name.
     compared: name -> ((true group, rows (V,)), (false group, rows (V,))): row k of the first must outscore row
     k of the second; a group is "positive" (the B matched pairs) or a ranked or scored group's name.
-    image_global: (rows of image_tokens, D) the images' L2-normalised pooled features, for a fusion that reads them
+    image_global: (rows of image_tokens, D) the images' pooled features, for a fusion that reads them
     (FusionConfig.global_token).
     Returns `matching.itm_loss`'s dict, plus "rank_<name>" and "rank_<name>_acc" per ranked or compared group.
     """
