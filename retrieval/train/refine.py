@@ -197,13 +197,15 @@ def _step(fusion, cache: RefineCache, data: TrainData, cfg: TrainConfig, batch: 
         "binding": (other[has_other], rows_b[has_other], rows_b[has_other]),
     }
     image_tokens = cache.image_tokens[pick]  # (B, T, Wv)
-    image_global = cache.image_feat[pick]  # (B, D)
+    reads_pooled = fusion.cfg.global_token
+    image_global = cache.image_feat[pick] if reads_pooled else None  # (B, D)
     if cfg.refine.mirror_weight > 0:
         twin_image = cache.mirror[pick]  # (B,) -1: no mirror twin
         has_mirror = twin_image >= 0
         mirrors = cache.mirror_tokens[twin_image[has_mirror]]  # (m, T, Wv)
         image_tokens = torch.cat([image_tokens, mirrors])  # (B + m, T, Wv)
-        image_global = torch.cat([image_global, cache.mirror_feat[twin_image[has_mirror]]])  # (B + m, D)
+        if reads_pooled:
+            image_global = torch.cat([image_global, cache.mirror_feat[twin_image[has_mirror]]])  # (B + m, D)
         mirrored = batch + torch.arange(int(has_mirror.sum()))  # (m,) their rows in image_tokens
         groups["mirror"] = (slots[has_mirror], mirrored, rows_b[has_mirror])
     scored, compared = {}, {}
@@ -250,5 +252,5 @@ def _step(fusion, cache: RefineCache, data: TrainData, cfg: TrainConfig, batch: 
             ranked=ranked,
             scored=pairs,
             compared=compared,
-            image_global=image_global.to(device),
+            image_global=None if image_global is None else image_global.to(device),
         )
