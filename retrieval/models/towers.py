@@ -66,7 +66,9 @@ def token_widths(clip: nn.Module) -> tuple[int, int]:
         if not hasattr(visual.trunk, "forward_intermediates"):
             name = type(visual.trunk).__name__
             raise TowerError(f"its timm trunk {name} has no forward_intermediates (timm >= 1.0 models do)")
-        image_width = visual.trunk.num_features
+        info = getattr(visual.trunk, "feature_info", None)
+        # the last stage's channels: an EfficientNet's head conv (num_features) comes after it
+        image_width = info[-1]["num_chs"] if info else visual.trunk.num_features
     if text == "builtin":
         text_width = clip.transformer.width
     elif text == "TextTransformer":

@@ -27,6 +27,8 @@ class ModelConfig:
     # trains on a CPU in minutes and learns spatial relations within that budget
     pretrained: str = "none"  # OpenCLIP tag, local weights file, or none (train from scratch)
     init_checkpoint: str | None = None  # a checkpoint of ours to fine-tune; wins over arch/pretrained
+    image_weights: str = ""  # a weights file for the image tower alone (e.g. an ImageNet timm trunk) under a
+    # text tower from scratch (models/image_weights.py); the tower then trains at optim.image_lr_scale * lr
     freeze: str = "none"  # none | image (LiT: a locked image tower) | text | towers (only the fusion trains)
     fusion: FusionConfig = field(default_factory=lambda: FusionConfig(width=128, layers=2, heads=4))
 
@@ -63,6 +65,8 @@ class OptimConfig:
     grad_clip: float = 1.0  # max grad norm; 0 disables
     betas: tuple[float, float] = (0.9, 0.98)  # CLIP's; 0.98 steadies the contrastive loss
     fusion_lr_scale: float = 1.0  # the fusion encoder's learning rate as a share of lr
+    image_lr_scale: float = 0.1  # the image tower's learning rate as a share of lr when it starts from
+    # model.image_weights: a pretrained trunk keeps its features while the fresh text tower catches up
     layer_decay: float = 1.0  # layer-wise decay (BEiT): block k of n at lr * layer_decay^(n - k); 1: off
     wise: float = 1.0  # share of the fine-tuned weights in the final checkpoint; below 1 they are averaged
     # with the start's (WiSE-FT, Wortsman et al. 2022), which keeps most of what the start knew
@@ -259,6 +263,12 @@ def _check(cfg: TrainConfig) -> None:
         raise UserError(
             f"optim.wise={cfg.optim.wise}: must be in (0, 1] (1: the fine-tuned weights as they are)"
         )
+    if cfg.model.image_weights and cfg.model.init_checkpoint:
+        raise UserError(
+            "model.image_weights with model.init_checkpoint: the checkpoint brings its own image tower; drop one"
+        )
+    if not 0 <= cfg.optim.image_lr_scale:
+        raise UserError(f"optim.image_lr_scale={cfg.optim.image_lr_scale}: must be >= 0")
     if not 0 < cfg.optim.layer_decay <= 1:
         raise UserError(f"optim.layer_decay={cfg.optim.layer_decay}: must be in (0, 1]")
     modes = {

@@ -41,10 +41,12 @@ def param_groups(
     lr: float,
     fusion_lr: float | None = None,
     layer_decay: float = 1.0,
+    image_lr: float | None = None,
 ) -> list[dict[str, Any]]:
     """No decay on gains, biases, embeddings and the temperature (CLIP/open_clip practice); the fusion encoder
     (parameters under a `fusion.` prefix) at its own learning rate when fusion_lr is given; with layer_decay < 1,
-    each tower's block k of n at lr * layer_decay^(n + 1 - k) (embeddings lowest). Frozen parameters are left out."""
+    each tower's block k of n at lr * layer_decay^(n + 1 - k) (embeddings lowest); the image tower's base rate is
+image_lr when given (a pretrained trunk under a fresh text tower). Frozen parameters are left out."""
     named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     depths: dict[str, int] = {}
     for name, _ in named:
@@ -57,11 +59,11 @@ def param_groups(
         skip = p.ndim < 2 or "embedding" in name or "logit_scale" in name or name.endswith("class_embedding")
         if fusion_lr is not None and (name.startswith("fusion.") or ".fusion." in name):
             rate = fusion_lr
-        elif layer_decay < 1.0:
-            _, layer, top = layer_depth(name, depths)
-            rate = lr * layer_decay ** (top - layer)
         else:
-            rate = lr
+            tower, layer, top = layer_depth(name, depths)
+            rate = image_lr if image_lr is not None and tower == "visual" else lr
+            if layer_decay < 1.0:
+                rate *= layer_decay ** (top - layer)
         groups.setdefault((rate, skip), []).append(p)
     return [
         {"params": params, "weight_decay": 0.0 if skip else weight_decay, "lr": rate}

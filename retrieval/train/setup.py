@@ -19,6 +19,7 @@ from retrieval.errors import UserError
 from retrieval.models.albef import AlbefModel, with_fusion
 from retrieval.models.checkpoint import load_dual_encoder, read_config
 from retrieval.models.encoders import autocast_dtype, create_clip, resolve_device
+from retrieval.models.image_weights import load_image_weights
 from retrieval.models.towers import check_towers
 from retrieval.train.config import ModelConfig, TrainConfig, pretrained_start
 from retrieval.train.data import BatchPlan, PairImages, TrainData, describe_skips, load_groups
@@ -87,6 +88,9 @@ def build_model(cfg: TrainConfig) -> tuple[AlbefModel, str, bool]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         clip, arch = start_clip(mc, cfg.seed)
+        if mc.image_weights:
+            how = load_image_weights(clip, mc.image_weights)
+            log_line(f"image tower from {mc.image_weights} (matched by {how}); text tower from scratch")
         if not pretrained_start(mc):
             with torch.no_grad():
                 clip.logit_scale.fill_(math.log(1.0 / cfg.objectives.temperature))
@@ -137,6 +141,7 @@ def setup(source: str, out: Path, cfg: TrainConfig, progress: bool) -> Run:
         cfg.optim.lr,
         cfg.optim.lr * cfg.optim.fusion_lr_scale,
         cfg.optim.layer_decay,
+        cfg.optim.lr * cfg.optim.image_lr_scale if cfg.model.image_weights else None,
     )
     if not groups:
         raise UserError(

@@ -69,6 +69,8 @@ def families(tmp_path_factory) -> dict[str, str]:
         "resnet": {"vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8, "head_width": 32}},
         "timm-vit": {"vision_cfg": {**TIMM, "timm_model_name": "test_vit", "timm_pool": "token"}},
         "timm-convnet": {"vision_cfg": {**TIMM, "timm_model_name": "test_convnext", "timm_pool": "avg"}},
+        # a head conv after the last stage: the tokens are narrower than the trunk's num_features
+        "timm-efficientnet": {"vision_cfg": {**TIMM, "timm_model_name": "test_efficientnet", "timm_pool": "avg"}},
         "custom-text": {  # CustomTextCLIP's TextTransformer, bidirectional with last-token pooling (SigLIP's)
             "custom_text": True,
             "text_cfg": {**TEXT, "no_causal_mask": True, "pool_type": "last", "proj_bias": True},
@@ -88,7 +90,7 @@ def families(tmp_path_factory) -> dict[str, str]:
     return {"vit": "test-micro", **{f: f"family-{f}" for f in configs}}
 
 
-FAMILIES = ["vit", "resnet", "timm-vit", "timm-convnet", "custom-text", "hf-text", "coca"]
+FAMILIES = ["vit", "resnet", "timm-vit", "timm-convnet", "timm-efficientnet", "custom-text", "hf-text", "coca"]
 
 
 def _batch(arch: str, clip: nn.Module, n: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,3 +216,41 @@ def test_train_runs_end_to_end_on_other_families(families, family, tmp_path):
     )
     assert result["steps"] == 2
     assert (tmp_path / "ck" / "fusion.safetensors").is_file()
+
+
+def test_image_weights_load_by_name_or_by_position_and_refuse_other_networks(families, tmp_path):
+    """model.image_weights: a trunk's state dict under its own names (with a checkpoint's prefix), or under
+    another code base's names in the same order with a classifier left over, loads exactly; weights of another
+    network are a one-line error naming the file."""
+    from safetensors.torch import save_file
+
+    from retrieval.models.image_weights import load_image_weights, target
+
+    arch = families["timm-efficientnet"]
+    source, _ = create_clip(arch, "none", seed=3)
+    trunk = {k: v.clone() for k, v in target(source).state_dict().items()}
+
+    named = tmp_path / "named.pt"
+    torch.save({f"module.{k}": v for k, v in trunk.items()}, named)
+    renamed = {f"_layer{i:03d}.{k.rsplit('.', 1)[-1]}": v for i, (k, v) in enumerate(trunk.items())}
+    renamed["_fc.weight"] = torch.randn(10, 7)
+    positional = tmp_path / "positional.pt"
+    torch.save(renamed, positional)
+    save_file(renamed, str(tmp_path / "unordered.safetensors"))  # safetensors keeps no order: names only
+
+    for path, how in ((named, "names"), (positional, "position")):
+        clip, _ = create_clip(arch, "none", seed=4)
+        assert not all(torch.equal(v, target(clip).state_dict()[k]) for k, v in trunk.items())
+        assert load_image_weights(clip, path) == how
+        loaded = target(clip).state_dict()
+        assert all(torch.equal(v, loaded[k]) for k, v in trunk.items())
+
+    other = tmp_path / "other.pt"
+    torch.save(create_clip(families["timm-convnet"], "none")[0].visual.trunk.state_dict(), other)
+    clip, _ = create_clip(arch, "none", seed=4)
+    with pytest.raises(UserError, match="other.pt.*not weights of this architecture"):
+        load_image_weights(clip, other)
+    with pytest.raises(UserError, match="unordered.safetensors.*names"):
+        load_image_weights(clip, tmp_path / "unordered.safetensors")
+    with pytest.raises(UserError, match="no such file"):
+        load_image_weights(clip, tmp_path / "missing.pt")
