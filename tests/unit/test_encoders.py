@@ -11,18 +11,17 @@ from retrieval.models.checkpoint import load_dual_encoder, read_config, save_che
 from retrieval.models.encoders import create_clip, list_presets, load_encoder
 
 TINY = EncoderConfig(arch="test-micro", device="cpu")
+PRESETS = ["test-micro", "tiny-vit-64", "tiny-cvit-64", "tiny-cvit-64-p16", "effnet-lite0-128"]
 
 
 def test_presets_are_registered_with_open_clip():
     import open_clip
 
-    assert {"test-micro", "tiny-vit-64", "tiny-cvit-64", "tiny-cvit-64-p16"} == set(
-        list_presets()
-    )  # not stems.json
+    assert set(PRESETS) == set(list_presets())  # not stems.json
     assert set(list_presets()) <= set(open_clip.list_models())
 
 
-@pytest.mark.parametrize("arch", ["test-micro", "tiny-vit-64", "tiny-cvit-64", "tiny-cvit-64-p16"])
+@pytest.mark.parametrize("arch", PRESETS)
 def test_every_preset_encodes_normalised_finite_vectors(arch):
     enc = load_encoder(EncoderConfig(arch=arch, device="cpu"))
     images = torch.randint(0, 255, (3, 3, enc.image_size, enc.image_size), dtype=torch.uint8)
