@@ -43,7 +43,9 @@ def read_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a file we cannot read is bad input
-        raise UserError(f"model.image_weights {path}: not a weights file ({str(e).splitlines()[0][:100]})") from e
+        raise UserError(
+            f"model.image_weights {path}: not a weights file ({str(e).splitlines()[0][:100]})"
+        ) from e
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -71,7 +73,9 @@ def _by_position(
             "not weights of this architecture"
         )
     mapped: dict[str, torch.Tensor] = {}
-    for (src_name, tensor), (name, like) in zip(src, wanted.items()):
+    for (src_name, tensor), (name, like) in zip(
+        src, wanted.items(), strict=False
+    ):  # the leftovers are checked below
         if tensor.shape != like.shape:
             raise UserError(
                 f"model.image_weights {path}: {src_name} {tuple(tensor.shape)} does not fit {name} "

@@ -70,7 +70,9 @@ def families(tmp_path_factory) -> dict[str, str]:
         "timm-vit": {"vision_cfg": {**TIMM, "timm_model_name": "test_vit", "timm_pool": "token"}},
         "timm-convnet": {"vision_cfg": {**TIMM, "timm_model_name": "test_convnext", "timm_pool": "avg"}},
         # a head conv after the last stage: the tokens are narrower than the trunk's num_features
-        "timm-efficientnet": {"vision_cfg": {**TIMM, "timm_model_name": "test_efficientnet", "timm_pool": "avg"}},
+        "timm-efficientnet": {
+            "vision_cfg": {**TIMM, "timm_model_name": "test_efficientnet", "timm_pool": "avg"}
+        },
         "custom-text": {  # CustomTextCLIP's TextTransformer, bidirectional with last-token pooling (SigLIP's)
             "custom_text": True,
             "text_cfg": {**TEXT, "no_causal_mask": True, "pool_type": "last", "proj_bias": True},
@@ -90,7 +92,16 @@ def families(tmp_path_factory) -> dict[str, str]:
     return {"vit": "test-micro", **{f: f"family-{f}" for f in configs}}
 
 
-FAMILIES = ["vit", "resnet", "timm-vit", "timm-convnet", "timm-efficientnet", "custom-text", "hf-text", "coca"]
+FAMILIES = [
+    "vit",
+    "resnet",
+    "timm-vit",
+    "timm-convnet",
+    "timm-efficientnet",
+    "custom-text",
+    "hf-text",
+    "coca",
+]
 
 
 def _batch(arch: str, clip: nn.Module, n: int = 4) -> tuple[torch.Tensor, torch.Tensor]:

@@ -144,7 +144,10 @@ def test_param_groups_give_the_fusion_its_own_rate_and_spare_norms_from_decay():
     # a pretrained image tower (model.image_weights) at its own rate, the text tower and fusion at theirs
     visual_ids = {id(p) for p in model.clip.visual.parameters()}
     for g in param_groups(model, 0.05, lr=1e-3, fusion_lr=2e-4, image_lr=1e-4):
-        kinds = {"visual" if id(p) in visual_ids else "fusion" if id(p) in fusion_ids else "text" for p in g["params"]}
+        kinds = {
+            "visual" if id(p) in visual_ids else "fusion" if id(p) in fusion_ids else "text"
+            for p in g["params"]
+        }
         assert len(kinds) == 1 and g["lr"] == {"visual": 1e-4, "fusion": 2e-4, "text": 1e-3}[kinds.pop()]
 
 
