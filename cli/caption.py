@@ -150,6 +150,10 @@ def capfilt(
         Path | None, typer.Option("--eval", help="Held-out pairs: recall and caption metrics in the report")
     ] = None,
     arch: Annotated[str, typer.Option("--arch", help="Architecture of the trained models")] = "tiny-cvit-64",
+    image_weights: Annotated[
+        Path | None,
+        typer.Option("--image-weights", help="Pretrained image trunk for --arch (model.image_weights)"),
+    ] = None,
     steps: Annotated[
         int, typer.Option("--steps", min=1, help="ITC steps of the pretrained and final models")
     ] = 300,
@@ -181,6 +185,7 @@ def capfilt(
     check_inputs(str(noisy), str(clean))
     cfg = CapfiltConfig(
         arch=arch,
+        image_weights=str(image_weights) if image_weights else "",
         pretrain_steps=steps,
         pretrain_refine=refine_steps,
         filter_steps=filter_steps,

@@ -33,6 +33,10 @@ from retrieval.pipelines.bootstrap_io import atomic_write, output_names
 @dataclass(frozen=True)
 class CapfiltConfig:
     arch: str = "tiny-cvit-64"  # of the pretrained and final models (and the captioner's image tower)
+    image_weights: str = (
+        ""  # a pretrained image trunk for arch (model.image_weights) under the two models that
+    )
+    # start from scratch (pretrain, final); the filter and captioner inherit the pretrain's tower
     batch_size: int = 96
     pretrain_steps: int = 300  # ITC steps on the noisy pairs; the final model gets the same budget
     pretrain_refine: int = 200  # ITM refinement steps after them
@@ -93,6 +97,7 @@ def capfilt(
         "save_every=100",
         *cfg.overrides,
     ]
+    scratch = [f"model.image_weights={cfg.image_weights}"] if cfg.image_weights else []
     stages: dict[str, Any] = {}
 
     def timed(name: str, fn):
@@ -111,7 +116,7 @@ def capfilt(
         lambda: _train(
             noisy,
             pre,
-            [*base, f"steps={cfg.pretrain_steps}", f"refine.steps={cfg.pretrain_refine}"],
+            [*base, *scratch, f"steps={cfg.pretrain_steps}", f"refine.steps={cfg.pretrain_refine}"],
             cfg.pretrain_steps,
             True,
             progress,
@@ -164,7 +169,7 @@ def capfilt(
         lambda: _train(
             str(out / kept_name),
             final,
-            [*base, f"steps={cfg.pretrain_steps}", f"refine.steps={cfg.pretrain_refine}"],
+            [*base, *scratch, f"steps={cfg.pretrain_steps}", f"refine.steps={cfg.pretrain_refine}"],
             cfg.pretrain_steps,
             True,
             progress,

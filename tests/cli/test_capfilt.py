@@ -320,6 +320,10 @@ def test_kill_9_mid_bootstrap_then_resume_is_byte_identical(loop, tmp_path):
         (["bootstrap", "PAIRS", "--out", "OUT", "--captioner", "FILTER"], "not a captioner checkpoint"),
         (["eval", "PAIRS", "--captioner", "FILTER"], "not a captioner checkpoint"),
         (["bootstrap", "PAIRS", "--out", "OUT"], "needs --captioner, --filter"),
+        (
+            ["capfilt", "PAIRS", "--clean", "PAIRS", "--out", "OUT", "-q", "--image-weights", "MISSING"],
+            "no such file",
+        ),
     ],
 )
 def test_bad_inputs_fail_in_one_line(loop, runner_module, tmp_path, args, expected):
