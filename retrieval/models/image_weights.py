@@ -73,9 +73,8 @@ def _by_position(
             "not weights of this architecture"
         )
     mapped: dict[str, torch.Tensor] = {}
-    for (src_name, tensor), (name, like) in zip(
-        src, wanted.items(), strict=False
-    ):  # the leftovers are checked below
+    # the file may hold more tensors than the tower (a classifier head): the leftovers are checked below
+    for (src_name, tensor), (name, like) in zip(src, wanted.items(), strict=False):
         if tensor.shape != like.shape:
             raise UserError(
                 f"model.image_weights {path}: {src_name} {tuple(tensor.shape)} does not fit {name} "

@@ -33,10 +33,9 @@ from retrieval.pipelines.bootstrap_io import atomic_write, output_names
 @dataclass(frozen=True)
 class CapfiltConfig:
     arch: str = "tiny-cvit-64"  # of the pretrained and final models (and the captioner's image tower)
-    image_weights: str = (
-        ""  # a pretrained image trunk for arch (model.image_weights) under the two models that
-    )
-    # start from scratch (pretrain, final); the filter and captioner inherit the pretrain's tower
+    # a pretrained image trunk for arch (model.image_weights) under the two models that start from scratch
+    # (pretrain, final); the filter and captioner inherit the pretrain's tower
+    image_weights: str = ""
     batch_size: int = 96
     pretrain_steps: int = 300  # ITC steps on the noisy pairs; the final model gets the same budget
     pretrain_refine: int = 200  # ITM refinement steps after them
