@@ -39,7 +39,8 @@ class VlmTrainConfig:
     turns: int = 5  # stage 2: questions per image per chat (multi-turn, as LLaVA trains): the image tokens
     # and the system prompt are paid once for several answers
     lr: float = 2e-3  # peak AdamW rate of the connector: it starts from nothing and the LLM is fixed
-    llm_lr: float = 2e-4  # the LLM's rate for tune=lora or full
+    llm_lr: float = 5e-5  # the LLM's rate for tune=lora or full; 2e-4 for 429 LoRA steps overwrote plain-text
+    # answers, 5e-5 kept them and still raised VQA (docs/vlm.md)
     warmup_steps: int = 30  # linear warmup, then cosine to min_lr_ratio * lr
     min_lr_ratio: float = 0.05
     weight_decay: float = 0.0
