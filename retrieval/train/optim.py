@@ -43,9 +43,10 @@ def param_groups(
     layer_decay: float = 1.0,
     image_lr: float | None = None,
 ) -> list[dict[str, Any]]:
-    """No decay on gains, biases, embeddings and the temperature (CLIP/open_clip practice); the fusion encoder
-        (parameters under a `fusion.` prefix) at its own learning rate when fusion_lr is given; with layer_decay < 1,
-        each tower's block k of n at lr * layer_decay^(n + 1 - k) (embeddings lowest); the image tower's base rate is
+    """No decay on gains, biases, embeddings and the temperature (CLIP/open_clip practice).
+
+    The fusion encoder (parameters under a `fusion.` prefix) runs at fusion_lr when given; with layer_decay < 1,
+    each tower's block k of n at lr * layer_decay^(n + 1 - k) (embeddings lowest); the image tower's base rate is
     image_lr when given (a pretrained trunk under a fresh text tower). Frozen parameters are left out."""
     named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     depths: dict[str, int] = {}
